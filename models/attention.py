@@ -1,0 +1,114 @@
+"""Multi-head self-attention with an optional BEiT-style relative position bias and an optional
+Attention Modulation Matrix (AMM), the training-free locality prior of EDT."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MIN_AMM_GRID = 3  # the radius token (row 2, column n - 1) must exist
+
+
+#################################################################################
+#                         Attention Modulation Matrix                           #
+#################################################################################
+
+def grid_coordinates(grid_size):
+    """(T, 2) integer (row, column) of each token of a grid_size x grid_size grid, row-major."""
+    coords = torch.arange(grid_size)
+    return torch.stack(torch.meshgrid(coords, coords, indexing="ij")).flatten(1).T
+
+
+def attention_modulation_matrix(grid_size):
+    """(T, T) AMM: M = exp(cos(2 pi d / P)) / 2 for the Euclidean token distance d with period
+    P = 4 (n - 1) sqrt(2), zeroed beyond the radius R = sqrt((n - 1)^2 + 4), i.e. wherever M is
+    below its value at the token (row 2, column n - 1) seen from token 0.
+
+    Computed in float32 as the reference does, so the cut-off keeps exactly the same entries.
+    """
+    if grid_size < MIN_AMM_GRID:
+        raise ValueError(f"the AMM needs a token grid of at least {MIN_AMM_GRID}x{MIN_AMM_GRID}, got {grid_size}x{grid_size}")
+    coords = grid_coordinates(grid_size).float()
+    distance = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1).sqrt()
+    period = 4 * (grid_size - 1) * math.sqrt(2)
+    matrix = torch.exp(torch.cos(2 * math.pi / period * distance)) / 2
+    radius_token = 3 * grid_size - 1  # row 2, column n - 1
+    threshold = matrix[0, radius_token]
+    return torch.where(matrix < threshold, torch.zeros_like(matrix), matrix)
+
+
+#################################################################################
+#                           Relative Position Bias                              #
+#################################################################################
+
+def relative_position_index(grid_size):
+    """(T, T) index into a ((2n - 1)^2)-row table: (dh + n - 1)(2n - 1) + (dw + n - 1) with
+    dh, dw the query's row and column minus the key's."""
+    coords = grid_coordinates(grid_size)
+    delta = coords[:, None, :] - coords[None, :, :] + (grid_size - 1)  # (T, T, 2)
+    return delta[..., 0] * (2 * grid_size - 1) + delta[..., 1]
+
+
+class RelativePositionBias(nn.Module):
+    def __init__(self, grid_size, num_heads):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid_size - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("index", relative_position_index(grid_size), persistent=False)
+
+    def forward(self):
+        return self.relative_position_bias_table[self.index].permute(2, 0, 1)  # (heads, T, T)
+
+
+#################################################################################
+#                                 Attention                                     #
+#################################################################################
+
+class Attention(nn.Module):
+    """Self-attention over a square token grid.
+
+    AMM blocks multiply the softmax probabilities elementwise by the AMM (no renormalisation), so
+    they need explicit probabilities; every other block goes through
+    `scaled_dot_product_attention` with the relative position bias as its float mask, unless
+    `fused` is False (the explicit path, kept for comparison).
+    """
+
+    def __init__(self, dim, num_heads, grid_size, relative_bias=True, amm_in_training=False, fused=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.grid_size = grid_size
+        self.scale = (dim // num_heads) ** -0.5
+        self.amm_in_training = amm_in_training
+        self.fused = fused
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias = RelativePositionBias(grid_size, num_heads) if relative_bias else None
+        self.register_buffer("amm", None, persistent=False)
+
+    def set_amm(self, enabled):
+        """Turns the AMM of this block on or off; the matrix is built once and kept as a buffer."""
+        if not enabled:
+            self.amm = None
+        elif self.amm is None:
+            device = self.qkv.weight.device
+            self.amm = attention_modulation_matrix(self.grid_size).to(device)
+
+    def amm_active(self):
+        return self.amm is not None and (self.amm_in_training or not self.training)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, C / heads)
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (heads, T, T)
+        if self.fused and not self.amm_active():
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype) if bias is not None else None)
+        else:
+            scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
+            if bias is not None:
+                scores = scores + bias
+            probs = scores.softmax(dim=-1)
+            if self.amm_active():
+                probs = probs * self.amm
+            x = probs @ v  # (B, heads, T, C / heads)
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))  # (B, T, C)

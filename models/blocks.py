@@ -1,0 +1,116 @@
+"""Transformer building blocks shared by EDT and DiT: adaLN-Zero block, final layer, guidance."""
+import torch
+import torch.nn as nn
+
+from .attention import Attention
+
+LAYER_NORM_EPS = 1e-6
+
+
+def modulate(x, shift, scale):
+    """x: (N, T, C); shift, scale: (N, C)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def adaptive_modulation(cond_dim, out_dim):
+    """SiLU then Linear(cond -> out); the Sequential keeps the released key `adaLN_modulation.1`."""
+    return nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, out_dim))
+
+
+def unpatchify(x, patch_size, channels):
+    """(N, T, p * p * C) -> (N, C, H, W) for a square grid of T tokens."""
+    N, T, _ = x.shape
+    side = int(T ** 0.5)
+    x = x.reshape(N, side, side, patch_size, patch_size, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(N, channels, side * patch_size, side * patch_size)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class AdaLNBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning (DiT), over a grid_size x grid_size grid."""
+
+    def __init__(self, dim, num_heads, grid_size, cond_dim, mlp_ratio=4.0, **attention_kwargs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads, grid_size, **attention_kwargs)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = adaptive_modulation(cond_dim, 6 * dim)
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (N, T, C)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = adaptive_modulation(hidden_size, 2 * hidden_size)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p * p * out)
+
+
+def init_linear_layers(module):
+    """Xavier-uniform weights and zero biases for every Linear; the patch conv like a Linear."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.Conv2d):
+            nn.init.xavier_uniform_(layer.weight.view(layer.weight.shape[0], -1))
+            nn.init.zeros_(layer.bias)
+
+
+def zero_module_output(linear):
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+
+
+class GuidedDiffusionModel(nn.Module):
+    """Adds classifier-free guidance and AMM control to a class-conditional diffusion transformer
+    whose `blocks` are AdaLNBlocks."""
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
+        """Runs the first half of the batch twice, with the labels as given (conditional first,
+        null labels second), and applies guidance to the first `cfg_channels` output channels
+        (None: all). The remaining channels (e.g. the learned variance) pass through."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)  # (2N, C_out, H, W)
+        guided, rest = (out, out[:, :0]) if cfg_channels is None else (out[:, :cfg_channels], out[:, cfg_channels:])
+        cond, uncond = guided.chunk(2, dim=0)
+        half_guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([half_guided, half_guided], dim=0), rest], dim=1)
+
+    def set_amm_blocks(self, block_indices):
+        """Enables the AMM in exactly these blocks (flat indices into `self.blocks`)."""
+        block_indices = sorted(set(block_indices or ()))
+        if block_indices and not 0 <= block_indices[0] <= block_indices[-1] < len(self.blocks):
+            raise ValueError(f"AMM block indices {block_indices} out of range for {len(self.blocks)} blocks")
+        for index, block in enumerate(self.blocks):
+            block.attn.set_amm(index in block_indices)
+
+    @property
+    def amm_blocks(self):
+        return [index for index, block in enumerate(self.blocks) if block.attn.amm is not None]
+
+    def set_fused_attention(self, enabled):
+        for block in self.blocks:
+            block.attn.fused = enabled

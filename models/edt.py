@@ -1,0 +1,234 @@
+"""EDT: a U-shaped diffusion transformer with token down/up-sampling, long skips, relative
+position bias, the Attention Modulation Matrix and token relation-enhanced masked training."""
+import itertools
+
+import torch
+import torch.nn as nn
+
+from .blocks import (LAYER_NORM_EPS, AdaLNBlock, FinalLayer, GuidedDiffusionModel, adaptive_modulation,
+                     init_linear_layers, modulate, unpatchify, zero_module_output)
+from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
+
+NUM_STAGES = 5  # down, down, middle, up, up
+NUM_DOWN_STAGES = NUM_STAGES // 2
+# Drop-probability ranges of the keep masks before the first and second down-sampling.
+DOWN_MASK_RATIOS = ((0.4, 0.5), (0.1, 0.2))
+# EDT-XL's extra mask in stage 0, before this block; dropped tokens become the position embedding.
+STAGE0_MASK_RATIO = (0.15, 0.25)
+
+
+def token_keep_mask(x, ratio_range):
+    """(N, T) mask (dtype of x: (N, T, C)) of kept tokens; the drop probability p ~ U(ratio_range) is drawn
+    once per call and a token is kept when its U(0, 1) draw is >= p. Draws stay on `device`."""
+    low, high = ratio_range
+    drop_prob = low + (high - low) * torch.rand((), device=x.device)
+    return (torch.rand(x.shape[:2], device=x.device) >= drop_prob).to(x.dtype)
+
+
+#################################################################################
+#                     Token Down-sampling and Up-sampling                       #
+#################################################################################
+
+class DownSample(nn.Module):
+    """Merges each 2x2 group of tokens: (N, (2h)(2w), C) -> (N, h w, C_out), with AdaLN token
+    enhancement before the reduction and the output grid's position embedding added after."""
+
+    def __init__(self, dim, out_dim, grid_size, cond_dim):
+        super().__init__()
+        self.grid_size = grid_size
+        self.norm = nn.LayerNorm(4 * dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.adaLN_modulation = adaptive_modulation(cond_dim, 8 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.register_buffer("pos_embed", sincos_buffer(out_dim, grid_size // 2))
+
+    def forward(self, x, c, keep=None):
+        """keep: optional (N, (2h)(2w)) mask of the input tokens (masked training)."""
+        N, _, C = x.shape
+        half = self.grid_size // 2
+        # Sub-token order [row 0 col 0, row 1 col 0, row 0 col 1, row 1 col 1] is the released one.
+        x = x.view(N, half, 2, half, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(N, half * half, 4 * C)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        x = modulate(self.norm(x), shift, scale)  # (N, h w, 4C)
+        if keep is not None:
+            keep = keep.view(N, half, 2, half, 2).permute(0, 1, 3, 4, 2).reshape(N, half * half, 4, 1)
+            x = (x.view(N, half * half, 4, C) * keep).view(N, half * half, 4 * C)
+        return self.reduction(x) + self.pos_embed  # (N, h w, C_out)
+
+
+class UpSample(nn.Module):
+    """Expands each token into a 2x2 group: (N, h w, C_in) -> (N, (2h)(2w), C_out)."""
+
+    def __init__(self, dim, out_dim, grid_size):
+        super().__init__()
+        self.grid_size = grid_size
+        self.expand = nn.Linear(dim, 4 * out_dim, bias=False)
+
+    def forward(self, x):
+        N = x.shape[0]
+        g = self.grid_size
+        x = self.expand(x)  # (N, h w, 4 C_out), channels ordered (p1, p2, c)
+        x = x.view(N, g, g, 2, 2, -1).permute(0, 1, 3, 2, 4, 5)  # (N, h, p1, w, p2, C_out)
+        return x.reshape(N, 4 * g * g, -1)
+
+
+class ConcatLayer(nn.Module):
+    """Fuses up-sampled tokens with their long skip: (N, T, 2C) -> (N, T, C)."""
+
+    def __init__(self, dim, grid_size, cond_dim):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(2 * dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.adaLN_modulation = adaptive_modulation(cond_dim, 4 * dim)
+        self.cat = nn.Linear(2 * dim, dim)
+        self.register_buffer("pos_embed", sincos_buffer(dim, grid_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.cat(modulate(self.norm_final(x), shift, scale)) + self.pos_embed
+
+
+#################################################################################
+#                                 Core EDT Model                                #
+#################################################################################
+
+class EDT(GuidedDiffusionModel):
+    """Five stages at grids n, n/2, n/4, n/2, n (n = input_size / patch_size); `blocks` is the
+    flat list of all transformer blocks in stage order, which AMM block indices refer to."""
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        dims=(312, 416, 520, 416, 312),
+        num_heads=(6, 8, 10, 8, 6),
+        depths=(2, 2, 2, 3, 3),
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+        amm_blocks=(),
+        stage0_mask_block=None,
+        fused_attention=True,
+    ):
+        super().__init__()
+        check_stage_config(input_size, patch_size, dims, num_heads, depths)
+        hidden_size = dims[0]
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.depths = tuple(depths)
+        block_ends = list(itertools.accumulate(depths))
+        self.stage_ranges = list(zip([0] + block_ends[:-1], block_ends))  # flat block indices per stage
+        self.stage0_mask_block = stage0_mask_block
+        grid = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.register_buffer("pos_embed", sincos_buffer(hidden_size, grid))
+
+        self.blocks = nn.ModuleList()
+        self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        self.concat_blocks = nn.ModuleList()
+        for stage, (dim, heads, depth) in enumerate(zip(dims, num_heads, depths)):
+            if stage > NUM_DOWN_STAGES:
+                self.up_blocks.append(UpSample(dims[stage - 1], dim, grid))
+                grid *= 2
+                self.concat_blocks.append(ConcatLayer(dim, grid, hidden_size))
+            for _ in range(depth):
+                self.blocks.append(AdaLNBlock(dim, heads, grid, hidden_size, mlp_ratio, fused=fused_attention))
+            if stage < NUM_DOWN_STAGES:
+                self.down_blocks.append(DownSample(dim, dims[stage + 1], grid, hidden_size))
+                grid //= 2
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+        self.set_amm_blocks(amm_blocks)
+
+    def initialize_weights(self):
+        init_linear_layers(self)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity. The down and concat layers are not zeroed.
+        for block in self.blocks:
+            zero_module_output(block.adaLN_modulation[-1])
+        zero_module_output(self.final_layer.adaLN_modulation[-1])
+        zero_module_output(self.final_layer.linear)
+
+    def forward(self, x, t, y, enable_down_mask=False):
+        """
+        x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) class labels.
+        enable_down_mask: masked training, tokens dropped before each down-sampling.
+        """
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        skips = []
+        for stage, (first, last) in enumerate(self.stage_ranges):
+            if stage < NUM_DOWN_STAGES:
+                skips.append(x)
+            if stage > NUM_DOWN_STAGES:
+                up = stage - NUM_DOWN_STAGES - 1
+                x = torch.cat([self.up_blocks[up](x), skips.pop()], dim=-1)  # (N, T_stage, 2 C_stage)
+                x = self.concat_blocks[up](x, c)  # (N, T_stage, C_stage)
+            for index in range(first, last):
+                if enable_down_mask and stage == 0 and index == self.stage0_mask_block:
+                    x = self.replace_dropped_tokens(x)
+                x = self.blocks[index](x, c)  # (N, T_stage, C_stage)
+            if stage < NUM_DOWN_STAGES:
+                keep = token_keep_mask(x, DOWN_MASK_RATIOS[stage]) if enable_down_mask else None
+                x = self.down_blocks[stage](x, c, keep)  # (N, T_stage / 4, C_next)
+        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
+        return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
+
+    def replace_dropped_tokens(self, x):
+        keep = token_keep_mask(x, STAGE0_MASK_RATIO).unsqueeze(-1)  # (N, T, 1)
+        return x * keep + (1 - keep) * self.pos_embed
+
+
+def check_stage_config(input_size, patch_size, dims, num_heads, depths):
+    if not len(dims) == len(num_heads) == len(depths) == NUM_STAGES:
+        raise ValueError(f"EDT has {NUM_STAGES} stages: dims, num_heads and depths need {NUM_STAGES} entries each")
+    if any(dims[i] != dims[-1 - i] for i in range(NUM_DOWN_STAGES)):
+        raise ValueError(f"EDT stage widths must be symmetric for the long skips, got {tuple(dims)}")
+    if any(dim % heads for dim, heads in zip(dims, num_heads)):
+        raise ValueError(f"every stage width must be divisible by its head count: {tuple(dims)} / {tuple(num_heads)}")
+    grid = input_size // patch_size
+    if input_size % patch_size or grid % (2 ** NUM_DOWN_STAGES):
+        raise ValueError(f"the token grid ({input_size}/{patch_size}) must be divisible by {2 ** NUM_DOWN_STAGES}")
+
+
+#################################################################################
+#                                   EDT Configs                                 #
+#################################################################################
+
+EDT_SIZES = {
+    "S": dict(dims=(312, 416, 520, 416, 312), num_heads=(6, 8, 10, 8, 6), depths=(2, 2, 2, 3, 3)),
+    "B": dict(dims=(624, 832, 1040, 832, 624), num_heads=(12, 16, 20, 16, 12), depths=(2, 2, 2, 3, 3)),
+    "XL": dict(dims=(936, 1248, 1560, 1248, 936), num_heads=(18, 24, 30, 24, 18), depths=(6, 4, 4, 7, 7),
+               stage0_mask_block=4),
+}
+
+# AMM block presets per size: "default" for cfg 1 to 1.5 (the released arrangement),
+# "high_cfg" suggested for cfg >= 2 (S, B) or the alternative arrangement (XL).
+EDT_AMM_PRESETS = {
+    "S": {"default": (7, 10), "high_cfg": (8,)},
+    "B": {"default": (7, 10), "high_cfg": (8,)},
+    "XL": {"default": (23, 25), "high_cfg": (24,)},
+}
+
+
+def edt_constructor(size, amm):
+    def build(amm_blocks=None, **kwargs):
+        if amm_blocks is None:
+            amm_blocks = EDT_AMM_PRESETS[size]["default"] if amm else ()
+        elif isinstance(amm_blocks, str):
+            amm_blocks = EDT_AMM_PRESETS[size][amm_blocks]
+        return EDT(patch_size=2, amm_blocks=amm_blocks, **{**EDT_SIZES[size], **kwargs})
+    return build
+
+
+EDT_models = {}
+for _size in EDT_SIZES:
+    EDT_models[f"EDT-{_size}/2"] = edt_constructor(_size, amm=True)
+    EDT_models[f"EDT-{_size}/2_noAMM"] = edt_constructor(_size, amm=False)
