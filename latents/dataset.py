@@ -1,0 +1,59 @@
+"""The training dataset over extracted features: memory-mapped shards, random flip per epoch."""
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from latents.shards import open_shard, read_manifest
+
+
+class LatentDataset(Dataset):
+    """Item i: (float32 latent (C, h, w), int64 label) of the i-th stored image.
+
+    The stored latent of the image or of its horizontal flip is chosen by a table drawn from
+    (seed, epoch): the same in every DataLoader worker and every process, different each epoch.
+    Call `set_epoch` before each epoch. seed None draws a fresh one.
+    """
+
+    def __init__(self, features_path, seed=None, random_flip=True):
+        self.manifest = read_manifest(features_path)
+        shards = [open_shard(features_path, shard) for shard in self.manifest["shards"]]
+        self.features = [features for features, _ in shards]
+        self.labels = np.concatenate([labels for _, labels in shards]).astype(np.int64)
+        # shard_ends[k] = number of items in shards 0..k
+        self.shard_ends = np.cumsum([len(features) for features in self.features])
+        self.seed = np.random.SeedSequence().entropy if seed is None else seed
+        self.random_flip = random_flip
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        if self.random_flip:
+            rng = np.random.default_rng([self.seed, epoch])
+            self.flips = rng.integers(0, 2, size=len(self), dtype=np.int8)
+        else:
+            self.flips = np.zeros(len(self), dtype=np.int8)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        shard = int(np.searchsorted(self.shard_ends, index, side="right"))
+        offset = index - (self.shard_ends[shard - 1] if shard else 0)
+        latent = self.features[shard][offset, self.flips[index]]  # (C, h, w) float16
+        return torch.from_numpy(latent.astype(np.float32)), torch.tensor(self.labels[index])
+
+    @property
+    def latent_shape(self):
+        return tuple(self.manifest["latent_shape"])
+
+    @property
+    def num_classes(self):
+        return len(self.manifest["class_to_idx"])
+
+    @property
+    def image_size(self):
+        return self.manifest["image_size"]
+
+    @property
+    def vae(self):
+        """"ema", "mse", or "none" for pixels in [-1, 1]."""
+        return self.manifest["vae"]

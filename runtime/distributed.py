@@ -1,0 +1,86 @@
+"""Process setup shared by every multi-process script (feature extraction, DDP sampling).
+
+The same script runs under `torchrun` (rank and world size from its environment variables) and
+under plain `python` (one process, no process group). Training uses accelerate instead.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+#################################################################################
+#                              Process context                                  #
+#################################################################################
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def launched_by_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed():
+    """Picks this process's device and, under torchrun, joins the process group.
+
+    CUDA: device cuda:local_rank, NCCL, TF32 matmuls and convolutions. CPU: gloo.
+    """
+    if launched_by_torchrun():
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        device = torch.device("cpu")
+
+    if launched_by_torchrun():
+        if device.type == "cuda":
+            # Binding the group to the device lets NCCL barriers know which GPU to use.
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return DistributedContext(rank, world_size, local_rank, device)
+
+
+def barrier():
+    """Waits for every process; a no-op in a single plain process."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+#################################################################################
+#                              Splitting work                                   #
+#################################################################################
+
+def split_range(total, rank, world_size):
+    """The contiguous part of range(total) that `rank` handles.
+
+    Parts cover every index exactly once (no padding duplicates) and differ in length by at
+    most one; a part may be empty, so callers must still join every collective call.
+    """
+    base, remainder = divmod(total, world_size)
+    start = rank * base + min(rank, remainder)
+    stop = start + base + (1 if rank < remainder else 0)
+    return range(start, stop)
