@@ -12,18 +12,27 @@ class LatentDataset(Dataset):
     The stored latent of the image or of its horizontal flip is chosen by a table drawn from
     (seed, epoch): the same in every DataLoader worker and every process, different each epoch.
     Call `set_epoch` before each epoch. seed None draws a fresh one.
+
+    The shards are memory-mapped lazily in each process and never pickled, so DataLoader
+    workers start cheaply under any multiprocessing start method.
     """
 
     def __init__(self, features_path, seed=None, random_flip=True):
+        self.features_path = features_path
         self.manifest = read_manifest(features_path)
-        shards = [open_shard(features_path, shard) for shard in self.manifest["shards"]]
-        self.features = [features for features, _ in shards]
-        self.labels = np.concatenate([labels for _, labels in shards]).astype(np.int64)
+        self.labels = np.concatenate([labels for _, labels in self.open_shards()])  # (N,) int64
         # shard_ends[k] = number of items in shards 0..k
-        self.shard_ends = np.cumsum([len(features) for features in self.features])
+        self.shard_ends = np.cumsum([shard["count"] for shard in self.manifest["shards"]])
+        self.features = None
         self.seed = np.random.SeedSequence().entropy if seed is None else seed
         self.random_flip = random_flip
         self.set_epoch(0)
+
+    def open_shards(self):
+        return [open_shard(self.features_path, shard) for shard in self.manifest["shards"]]
+
+    def __getstate__(self):
+        return {**self.__dict__, "features": None}
 
     def set_epoch(self, epoch):
         if self.random_flip:
@@ -38,6 +47,8 @@ class LatentDataset(Dataset):
     def __getitem__(self, index):
         shard = int(np.searchsorted(self.shard_ends, index, side="right"))
         offset = index - (self.shard_ends[shard - 1] if shard else 0)
+        if self.features is None:
+            self.features = [features for features, _ in self.open_shards()]
         latent = self.features[shard][offset, self.flips[index]]  # (C, h, w) float16
         return torch.from_numpy(latent.astype(np.float32)), torch.tensor(self.labels[index])
 

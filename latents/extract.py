@@ -178,7 +178,8 @@ def extract_shards(specs, source, image_size, encode, feature_shape, features_pa
     progress = tqdm(total=sum(spec.size for spec in specs), unit="img", disable=not show_progress)
     buffer = None
     for (spec, indices), batch in zip(batches, loader):
-        buffer = buffer or ShardBuffer(spec)
+        if buffer is None:
+            buffer = ShardBuffer(spec)
         for index, reason in batch.failures:
             if not skip_bad_images:
                 raise BadImageError(source.samples[index][0], reason)

@@ -2,6 +2,7 @@
 sizes and modes, one process against two (torchrun, gloo), resume after a kill, pixel storage,
 bad inputs, and the training dataset."""
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ CLASSES = ("bee", "ant", "cat")  # sorted: ant=0, bee=1, cat=2
 MODES = ("RGB", "L", "RGBA", "P", "CMYK")  # all occur in ImageNet
 NUM_IMAGES = 14  # 4 shards of 4, 4, 4, 2
 LATENT_SHAPE = (4, IMAGE_SIZE // TINY_VAE_DOWNSAMPLING, IMAGE_SIZE // TINY_VAE_DOWNSAMPLING)
-KILL_TEST_IMAGES = 160  # enough shards that a kill after the first lands mid-run
+KILL_TEST_IMAGES = 400  # enough shards that a kill after the first lands mid-run
 
 
 #################################################################################
@@ -149,6 +150,7 @@ def test_two_processes_store_the_same_as_one(workspace, one_process):
                                      "--batch-size", "2", "--num-workers", "1")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "to compute on 2 processes" in result.stdout
     assert read_manifest(features)["count"] == NUM_IMAGES
     reference_features, reference_labels = load_all(one_process)
     two_features, two_labels = load_all(features)
@@ -207,9 +209,12 @@ def test_vae_none_round_trips_pixels(workspace, tmp_path):
 def test_bad_image_stops_or_is_skipped(workspace, one_process, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(workspace["images"], images)
-    bad_index = 5
-    bad_path = images / os.path.relpath(workspace["samples"][bad_index][0], workspace["images"])
+    bad_index, truncated_index = 5, 9
+    bad_path, truncated_path = (
+        images / os.path.relpath(workspace["samples"][index][0], workspace["images"])
+        for index in (bad_index, truncated_index))
     bad_path.write_bytes(b"not an image at all")
+    truncated_path.write_bytes(truncated_path.read_bytes()[:100])
 
     with pytest.raises(SystemExit, match=f"error: cannot read image {bad_path}"):
         extract_features.main(extract_args(images, tmp_path / "stopped", workspace["vae"],
@@ -219,13 +224,14 @@ def test_bad_image_stops_or_is_skipped(workspace, one_process, tmp_path):
     extract_features.main(extract_args(images, tmp_path / "skipped", workspace["vae"],
                                        "--num-workers", "0", "--skip-bad-images"))
     manifest = read_manifest(tmp_path / "skipped")
-    assert manifest["count"] == NUM_IMAGES - 1
+    assert manifest["count"] == NUM_IMAGES - 2
     assert [(entry["index"], entry["path"]) for entry in manifest["skipped"]] == \
-        [(bad_index, os.path.relpath(bad_path, images))]
+        [(bad_index, os.path.relpath(bad_path, images)),
+         (truncated_index, os.path.relpath(truncated_path, images))]
     # The noise is seeded per image index, so the other images keep their latents.
     features, labels = load_all(tmp_path / "skipped")
     reference_features, reference_labels = load_all(one_process)
-    kept = [i for i in range(NUM_IMAGES) if i != bad_index]
+    kept = [i for i in range(NUM_IMAGES) if i not in (bad_index, truncated_index)]
     np.testing.assert_array_equal(labels, reference_labels[kept])
     np.testing.assert_allclose(features.astype(np.float32),
                                reference_features[kept].astype(np.float32), rtol=0, atol=1e-5)
@@ -267,6 +273,9 @@ def test_dataset_shapes_dtypes_and_flips(one_process):
     again = LatentDataset(one_process, seed=0)
     again.set_epoch(7)
     assert all(torch.equal(again[i][0], dataset[i][0]) for i in range(NUM_IMAGES))
+    copy = pickle.loads(pickle.dumps(again))  # what a spawned DataLoader worker receives
+    assert again.features is not None and copy.features is None  # maps, never copies, shards
+    assert all(torch.equal(copy[i][0], again[i][0]) for i in range(NUM_IMAGES))
     unflipped = LatentDataset(one_process, random_flip=False)
     assert all(np.array_equal(unflipped[i][0].numpy(), features[i, 0].astype(np.float32))
                for i in range(NUM_IMAGES))
