@@ -170,7 +170,7 @@ def extract_shards(specs, source, image_size, encode, feature_shape, features_pa
     An unreadable image raises BadImageError, or with skip_bad_images is logged, left out and
     recorded in its shard; the shards finished before it stay valid.
     """
-    batches = [(spec, list(range(start, min(start + batch_size, spec.stop))))
+    batches = [(spec, range(start, min(start + batch_size, spec.stop)))
                for spec in specs for start in range(spec.start, spec.stop, batch_size)]
     loader = DataLoader(CenterCroppedImages(source.samples, image_size),
                         batch_sampler=[indices for _, indices in batches],

@@ -50,14 +50,13 @@ def plan_shards(num_images, shard_size):
             for index, start in enumerate(range(0, num_images, shard_size))]
 
 
-RECORD_NAME = re.compile(r"shard-(\d+)\.json")
-
-
 def shard_file(index, kind):
     """kind: "latents" or "labels" (.npy), or "record" (.json)."""
     stem = f"shard-{index:05d}"
     return f"{stem}.json" if kind == "record" else f"{stem}.{kind}.npy"
 
+
+RECORD_NAME = re.compile(r"shard-(\d+)\.json")  # matches shard_file(index, "record")
 
 
 #################################################################################
