@@ -76,6 +76,7 @@ class ConcatLayer(nn.Module):
 
     def __init__(self, dim, grid_size, cond_dim):
         super().__init__()
+        self.grid_size = grid_size
         self.norm_final = nn.LayerNorm(2 * dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
         self.adaLN_modulation = adaptive_modulation(cond_dim, 4 * dim)
         self.cat = nn.Linear(2 * dim, dim)

@@ -1,0 +1,101 @@
+"""DiT (Peebles & Xie) with EDT's Attention Modulation Matrix as a plug-in.
+
+The state dict is the official DiT one, so the released DiT checkpoints load with strict=True.
+Unlike EDT, a DiT AMM block modulates its attention in training as well as in evaluation, as
+the reference plug-in does.
+"""
+import torch.nn as nn
+
+from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, init_linear_layers, unpatchify, zero_module_output
+from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
+
+
+class DiT(GuidedDiffusionModel):
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+        amm_blocks=(),
+        fused_attention=True,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch_size = patch_size
+        grid = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.register_buffer("pos_embed", sincos_buffer(hidden_size, grid))
+        self.blocks = nn.ModuleList([
+            AdaLNBlock(hidden_size, num_heads, grid, hidden_size, mlp_ratio,
+                       relative_bias=False, amm_in_training=True, fused=fused_attention)
+            for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+        self.set_amm_blocks(amm_blocks)
+
+    def initialize_weights(self):
+        init_linear_layers(self)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            zero_module_output(block.adaLN_modulation[-1])
+        zero_module_output(self.final_layer.adaLN_modulation[-1])
+        zero_module_output(self.final_layer.linear)
+
+    def forward(self, x, t, y):
+        """x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) class labels."""
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        for block in self.blocks:
+            x = block(x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
+        return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
+
+
+#################################################################################
+#                                   DiT Configs                                 #
+#################################################################################
+
+DIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+DIT_PATCH_SIZES = (2, 4, 8)
+
+# AMM arrangements the EDT authors published for DiT at 256x256 (latent 32x32).
+DIT_AMM_PRESETS = {
+    "DiT-S/2": {"default": (8, 10)},
+    "DiT-XL/2": {"default": (15, 17, 19, 22, 24)},
+}
+
+
+def dit_constructor(name, size, patch_size):
+    def build(amm_blocks=(), **kwargs):
+        if isinstance(amm_blocks, str):
+            presets = DIT_AMM_PRESETS.get(name, {})
+            if amm_blocks not in presets:
+                raise ValueError(f"no AMM preset {amm_blocks!r} for {name}; pass explicit block indices")
+            amm_blocks = presets[amm_blocks]
+        return DiT(patch_size=patch_size, amm_blocks=amm_blocks, **{**DIT_SIZES[size], **kwargs})
+    return build
+
+
+DiT_models = {
+    f"DiT-{size}/{patch}": dit_constructor(f"DiT-{size}/{patch}", size, patch)
+    for size in DIT_SIZES for patch in DIT_PATCH_SIZES
+}

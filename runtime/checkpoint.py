@@ -1,0 +1,77 @@
+"""Checkpoint I/O: atomic saves, safe loads of the released layout, strict weight loading."""
+import argparse
+import pickle
+
+import torch
+
+from .io import atomic_path
+
+# Training checkpoints (released and ours) hold these state dicts; `args` is an argparse.Namespace.
+WEIGHT_KEYS = ("ema", "model")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or does not fit the model."""
+
+
+def save_checkpoint(state, path):
+    """Writes `state` with torch.save to a temporary name, then renames it onto `path`."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True, allow-listing argparse.Namespace (the `args` entry of
+    released checkpoints) and nothing else: anything more exotic is refused with a clear error
+    instead of silently unpickling arbitrary objects."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} safely: {first_line}") from None
+
+
+def is_state_dict(obj):
+    return isinstance(obj, dict) and obj and all(torch.is_tensor(value) for value in obj.values())
+
+
+def extract_state_dict(checkpoint, key="ema", path="checkpoint"):
+    """The weights of a raw state dict, or `checkpoint[key]` of a training checkpoint."""
+    if is_state_dict(checkpoint):
+        return checkpoint
+    if isinstance(checkpoint, dict) and is_state_dict(checkpoint.get(key)):
+        return checkpoint[key]
+    found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+    raise CheckpointError(f"{path} has no {key!r} weights (found: {found})")
+
+
+def load_checkpoint(model, path, key="ema", model_name=None):
+    """Loads a raw state dict or a training checkpoint's `key` weights ("ema" or "model") into
+    `model` with strict key and shape checking; returns the whole checkpoint object."""
+    checkpoint = read_checkpoint(path)
+    state_dict = extract_state_dict(checkpoint, key, path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"{name} {tuple(state_dict[name].shape)} != {tuple(expected[name].shape)}"
+                  for name in sorted(set(expected) & set(state_dict))
+                  if state_dict[name].shape != expected[name].shape]
+    if missing or unexpected or mismatched:
+        expected_name = model_name or type(model).__name__
+        raise CheckpointError(
+            f"{path} does not fit {expected_name}: "
+            f"{len(missing)} missing keys {summarise(missing)}, "
+            f"{len(unexpected)} unexpected keys {summarise(unexpected)}, "
+            f"{len(mismatched)} shape mismatches {summarise(mismatched)}"
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return checkpoint
+
+
+def summarise(names, shown=5):
+    if len(names) <= shown:
+        return names
+    return names[:shown] + [f"... {len(names) - shown} more"]

@@ -1,0 +1,336 @@
+"""EDT and DiT against the released checkpoint format and the reference EDT-S/2 outputs."""
+import argparse
+import fractions
+import json
+import math
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import ALL_MODELS, EDT_models, count_macs, count_trainable_parameters, create_model, load_checkpoint
+from models import attention as attention_module
+from models.dit import DiT
+from models.edt import EDT
+from runtime.checkpoint import CheckpointError, save_checkpoint
+
+REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "reference")
+with open(os.path.join(REFERENCE_DIR, "checkpoint_format.json")) as f:
+    CHECKPOINT_FORMAT = json.load(f)
+
+
+def tiny_edt(**kwargs):
+    config = dict(input_size=16, patch_size=2, in_channels=4, dims=(32, 48, 64, 48, 32), num_heads=(2, 2, 4, 2, 2),
+                  depths=(1, 1, 1, 2, 2), num_classes=10)
+    return EDT(**{**config, **kwargs})
+
+
+def tiny_dit(**kwargs):
+    config = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_classes=10)
+    return DiT(**{**config, **kwargs})
+
+
+def randomize(model, seed=0):
+    """Non-zero weights everywhere (adaLN-Zero would make every block the identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def deterministic_state_dict(model):
+    """SPEC.md's recipe: crc32-seeded normal weights * 0.05, sin-cos tables kept."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if "pos_embed" in key:
+            state[key] = value
+        else:
+            generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+            state[key] = torch.randn(value.shape, generator=generator, dtype=torch.float64).float() * 0.05
+    return state
+
+
+def model_inputs(batch=4, channels=4, size=16, classes=10, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=generator)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    y = torch.randint(0, classes, (batch,), generator=generator)
+    return x, t, y
+
+
+#################################################################################
+#                        Released checkpoint format                             #
+#################################################################################
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_FORMAT))
+def test_state_dict_keys_shapes_and_parameter_count_match_release(name):
+    with torch.device("meta"):
+        model = create_model(name, input_size=32, num_classes=1000)
+    expected = CHECKPOINT_FORMAT[name]
+    shapes = {key: list(value.shape) for key, value in model.state_dict().items()}
+    assert shapes == expected["state_dict"]
+    assert count_trainable_parameters(model) == expected["trainable_params"]
+    if "amm_block_indices" in expected:
+        assert model.amm_blocks == expected["amm_block_indices"]
+
+
+@pytest.mark.parametrize("name", ["EDT-S/2", "EDT-B/2", "EDT-XL/2"])
+def test_macs_equal_reference_counter(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert count_macs(model) == CHECKPOINT_FORMAT[name]["reference_macs_per_forward"]
+
+
+@pytest.mark.parametrize("build", [tiny_edt, tiny_dit], ids=["edt", "dit"])
+def test_macs_agree_with_torch_flop_counter(build):
+    # Explicit attention: FlopCounterMode does not count the CPU flash kernel that unmasked SDPA takes.
+    model = build(fused_attention=False, amm_blocks=[1]).eval()
+    x, t, y = model_inputs(batch=1)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, y)
+    assert counter.get_total_flops() == 2 * count_macs(model)
+
+
+def test_registry_names_and_errors():
+    for size in ("S", "B", "XL"):
+        assert f"EDT-{size}/2" in EDT_models and f"EDT-{size}/2_noAMM" in EDT_models
+    assert {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)} <= set(ALL_MODELS)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("EDT-M/2")
+    with torch.device("meta"):
+        assert create_model("EDT-S/2_noAMM").amm_blocks == []
+        assert create_model("EDT-S/2", amm_blocks="high_cfg").amm_blocks == [8]
+        assert create_model("EDT-XL/2", amm_blocks="high_cfg").amm_blocks == [24]
+        assert create_model("EDT-B/2", amm_blocks=[3, 5]).amm_blocks == [3, 5]
+        assert create_model("DiT-XL/2", amm_blocks="default").amm_blocks == [15, 17, 19, 22, 24]
+        assert create_model("DiT-S/2").amm_blocks == []
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_edt(amm_blocks=[7])
+    with pytest.raises(ValueError, match="symmetric"):
+        tiny_edt(dims=(32, 48, 64, 48, 64))
+
+
+#################################################################################
+#                           Reference outputs                                   #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def reference_outputs():
+    return torch.load(os.path.join(REFERENCE_DIR, "edt_s_reference_outputs.pt"), weights_only=True)
+
+
+@pytest.mark.parametrize("name", ["EDT-S/2", "EDT-S/2_noAMM"])
+def test_edt_s_reproduces_reference_outputs(name, reference_outputs, tmp_path):
+    model = create_model(name)
+    path = tmp_path / "weights.pt"
+    save_checkpoint(deterministic_state_dict(model), path)
+    load_checkpoint(model, path)
+    model.eval()
+    ref = reference_outputs
+    with torch.no_grad():
+        outputs = {
+            name: model(ref["x"], ref["t"], ref["y"]),
+            f"{name}:cfg": model.forward_with_cfg(ref["x_cfg"], ref["t_cfg"], ref["y_cfg"], ref["cfg_scale"]),
+        }
+    for key, output in outputs.items():
+        expected = ref[key]
+        assert output.shape == expected.shape
+        relative_error = (output - expected).abs().max() / expected.abs().max()
+        assert relative_error < 1e-5, key
+
+
+def test_cfg_guides_first_three_channels_or_all(reference_outputs):
+    model = randomize(tiny_edt()).eval()
+    x, t, _ = model_inputs(batch=4)
+    y = torch.tensor([1, 2, 10, 10])  # conditional half, then the null class
+    with torch.no_grad():
+        plain = model(torch.cat([x[:2], x[:2]]), t, y)
+        three = model.forward_with_cfg(x, t, y, 3.0)
+        every = model.forward_with_cfg(x, t, y, 3.0, cfg_channels=None)
+    cond, uncond = plain.chunk(2)
+    guided = uncond + 3.0 * (cond - uncond)
+    torch.testing.assert_close(three[:2, :3], guided[:, :3])
+    torch.testing.assert_close(three[2:, :3], guided[:, :3])
+    torch.testing.assert_close(three[:, 3:], plain[:, 3:])
+    torch.testing.assert_close(every[:2], guided)
+
+
+#################################################################################
+#                       Attention Modulation Matrix                             #
+#################################################################################
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+def test_amm_follows_formula(n):
+    amm = attention_modulation_matrix_numpy = attention_module.attention_modulation_matrix(n).double().numpy()
+    rows, cols = np.divmod(np.arange(n * n), n)
+    distance = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])
+    formula = np.exp(np.cos(2 * np.pi * distance / (4 * (n - 1) * math.sqrt(2)))) / 2
+    radius = math.sqrt((n - 1) ** 2 + 4)
+    inside = distance <= radius + 1e-9
+    np.testing.assert_allclose(attention_modulation_matrix_numpy[inside], formula[inside], rtol=1e-6)
+    assert np.all(amm[~inside] == 0)
+    assert np.all(amm[inside] > 0)
+    np.testing.assert_array_equal(amm, amm.T)
+
+
+def test_amm_needs_a_grid_with_the_radius_token():
+    with pytest.raises(ValueError, match="at least 3x3"):
+        attention_module.attention_modulation_matrix(2)
+
+
+def test_edt_amm_only_in_eval_mode_and_dit_amm_always():
+    x, t, y = model_inputs()
+    for build, train_mode_differs in ((tiny_edt, False), (tiny_dit, True)):
+        with_amm = randomize(build(class_dropout_prob=0.0, amm_blocks=[1, 3]))
+        without = randomize(build(class_dropout_prob=0.0))
+        for train in (True, False):
+            with_amm.train(train)
+            without.train(train)
+            with torch.no_grad():
+                same = torch.allclose(with_amm(x, t, y), without(x, t, y), atol=1e-6)
+            assert same == (train and not train_mode_differs)
+
+
+def test_amm_and_relative_index_are_built_once_and_not_saved(monkeypatch):
+    model = tiny_edt(amm_blocks=[3])
+    assert not any("amm" in key or key.endswith(".index") for key in model.state_dict())
+    buffer = model.blocks[3].attn.amm
+    index = model.blocks[3].attn.rel_pos_bias.index
+    calls = []
+    monkeypatch.setattr(attention_module, "attention_modulation_matrix", lambda n: calls.append(n))
+    monkeypatch.setattr(attention_module, "relative_position_index", lambda n: calls.append(n))
+    model.eval()
+    with torch.no_grad():
+        model(*model_inputs())
+        model(*model_inputs())
+    assert calls == []
+    assert model.blocks[3].attn.amm is buffer and model.blocks[3].attn.rel_pos_bias.index is index
+    monkeypatch.undo()
+    model.set_amm_blocks([3, 4])
+    assert model.blocks[3].attn.amm is buffer and model.amm_blocks == [3, 4]
+
+
+def test_relative_position_index_matches_beit_layout():
+    n = 5
+    index = attention_module.relative_position_index(n)
+    for query, key in [(0, 0), (0, 24), (24, 0), (7, 13), (12, 3)]:
+        dh, dw = query // n - key // n, query % n - key % n
+        assert index[query, key] == (dh + n - 1) * (2 * n - 1) + (dw + n - 1)
+
+
+#################################################################################
+#                          SDPA and explicit paths                              #
+#################################################################################
+
+@pytest.mark.parametrize("build", [tiny_edt, tiny_dit], ids=["edt", "dit"])
+def test_sdpa_and_explicit_attention_agree(build):
+    model = randomize(build(class_dropout_prob=0.0, amm_blocks=[1]))
+    x, t, y = model_inputs()
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        model.set_fused_attention(fused)
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_sdpa, grads_sdpa), (out_explicit, grads_explicit) = results
+    torch.testing.assert_close(out_sdpa, out_explicit, rtol=1e-5, atol=1e-5)
+    for grad_sdpa, grad_explicit in zip(grads_sdpa, grads_explicit):
+        torch.testing.assert_close(grad_sdpa, grad_explicit, rtol=1e-5, atol=1e-5)
+
+
+#################################################################################
+#                             Masked training                                   #
+#################################################################################
+
+def test_down_masks_drop_fractions_in_their_ranges():
+    model = randomize(tiny_edt()).train()
+    dropped = {0: [], 1: []}
+
+    def recorder(stage):
+        def hook(module, args):
+            dropped[stage].append(1 - args[2].mean().item())
+        return hook
+
+    for stage, down in enumerate(model.down_blocks):
+        down.register_forward_pre_hook(recorder(stage))
+    batch = 256
+    x, t, y = model_inputs(batch=batch)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(40):
+            model(x, t, y, enable_down_mask=True)
+    for stage, (low, high) in enumerate([(0.4, 0.5), (0.1, 0.2)]):
+        fractions = np.array(dropped[stage])
+        tolerance = 4 * math.sqrt(0.25 / (batch * (8 >> stage) ** 2))  # binomial noise of the token count
+        assert fractions.min() > low - tolerance and fractions.max() < high + tolerance
+        assert fractions.min() < low + 0.3 * (high - low) and fractions.max() > high - 0.3 * (high - low)
+
+
+def test_stage0_mask_replaces_dropped_tokens_by_position_embedding():
+    model = randomize(tiny_edt(depths=(5, 1, 1, 1, 1), stage0_mask_block=4, class_dropout_prob=0.0)).train()
+    seen = []
+    model.blocks[4].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x, t, y = model_inputs(batch=32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model(x, t, y, enable_down_mask=True)
+        model(x, t, y)
+    masked, plain = seen
+    replaced = (masked == model.pos_embed).all(dim=-1)  # (N, T)
+    assert 0.15 - 0.05 < replaced.float().mean() < 0.25 + 0.05
+    torch.testing.assert_close(masked[~replaced], plain[~replaced])
+
+
+def test_masked_forward_is_reproducible_and_differs_from_plain():
+    model = randomize(tiny_edt(class_dropout_prob=0.0)).train()
+    x, t, y = model_inputs()
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            outputs.append(model(x, t, y, enable_down_mask=True))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    with torch.no_grad():
+        train_plain = model(x, t, y)
+        assert not torch.allclose(outputs[0], train_plain)
+        model.eval()
+        torch.testing.assert_close(train_plain, model(x, t, y), rtol=0, atol=0)
+
+
+#################################################################################
+#                             Checkpoint loading                                #
+#################################################################################
+
+def test_load_checkpoint_raw_and_training_layouts(tmp_path):
+    source_model, target = randomize(tiny_edt(), seed=1), tiny_edt()
+    ema_model = randomize(tiny_edt(), seed=2)
+    training = {"model": source_model.state_dict(), "ema": ema_model.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="tiny", epochs=3)}
+    save_checkpoint(training, tmp_path / "train.pt")
+    save_checkpoint(source_model.state_dict(), tmp_path / "raw.pt")
+    checkpoint = load_checkpoint(target, tmp_path / "train.pt")
+    assert checkpoint["args"].epochs == 3
+    torch.testing.assert_close(target.state_dict(), ema_model.state_dict())
+    load_checkpoint(target, tmp_path / "train.pt", key="model")
+    torch.testing.assert_close(target.state_dict(), source_model.state_dict())
+    load_checkpoint(target, tmp_path / "raw.pt")
+    torch.testing.assert_close(target.state_dict(), source_model.state_dict())
+
+
+def test_load_checkpoint_errors(tmp_path):
+    save_checkpoint(tiny_dit().state_dict(), tmp_path / "dit.pt")
+    with pytest.raises(CheckpointError, match=r"does not fit EDT-tiny: \d+ missing keys .*blocks\.0\.attn\.rel_pos_bias"):
+        load_checkpoint(tiny_edt(), tmp_path / "dit.pt", model_name="EDT-tiny")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tiny_edt(), tmp_path / "missing.pt")
+    save_checkpoint({"model": tiny_edt().state_dict()}, tmp_path / "no_ema.pt")
+    with pytest.raises(CheckpointError, match="no 'ema' weights"):
+        load_checkpoint(tiny_edt(), tmp_path / "no_ema.pt")
+    torch.save({"ema": tiny_edt().state_dict(), "args": fractions.Fraction(1, 3)}, tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .* safely"):
+        load_checkpoint(tiny_edt(), tmp_path / "unsafe.pt")
