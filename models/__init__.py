@@ -1,15 +1,28 @@
 """EDT and DiT models, their registries, MAC counting and checkpoint loading."""
 from runtime.checkpoint import load_checkpoint
 
-from .dit import DiT_models
-from .edt import EDT_models
+from .dit import DiT, DiT_models
+from .edt import EDT, EDT_models
 from .macs import count_macs, count_trainable_parameters
 
 ALL_MODELS = {**EDT_models, **DiT_models}
+# Bare class names build custom sizes from explicit arguments (dims, num_heads, depths, ...).
+CUSTOM_MODELS = {"EDT": EDT, "DiT": DiT}
 
 
 def create_model(name, **kwargs):
-    """Builds any registered EDT or DiT model by name, e.g. create_model("EDT-S/2", input_size=32)."""
-    if name not in ALL_MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
-    return ALL_MODELS[name](**kwargs)
+    """Builds a registered model, e.g. create_model("EDT-S/2", input_size=32), or a custom one,
+    e.g. create_model("EDT", dims=(64,) * 5, num_heads=(2,) * 5, depths=(1,) * 5, patch_size=1)."""
+    builders = {**ALL_MODELS, **CUSTOM_MODELS}
+    if name not in builders:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(builders)}")
+    return builders[name](**kwargs)
+
+
+def model_config(name, **kwargs):
+    """What a checkpoint records (under "model_config") to rebuild its model with `build_model`."""
+    return {"name": name, "kwargs": kwargs}
+
+
+def build_model(config):
+    return create_model(config["name"], **config["kwargs"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ALL_MODELS, EDT_models, count_macs, count_trainable_parameters, create_model, load_checkpoint
+from models import (ALL_MODELS, EDT_models, build_model, count_macs, count_trainable_parameters, create_model,
+                    load_checkpoint, model_config)
 from models import attention as attention_module
 from models.dit import DiT
 from models.edt import EDT
@@ -334,3 +335,11 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"ema": tiny_edt().state_dict(), "args": fractions.Fraction(1, 3)}, tmp_path / "unsafe.pt")
     with pytest.raises(CheckpointError, match="cannot read checkpoint .* safely"):
         load_checkpoint(tiny_edt(), tmp_path / "unsafe.pt")
+
+
+def test_custom_model_rebuilds_from_its_recorded_config():
+    config = model_config("EDT", input_size=8, patch_size=1, in_channels=3, dims=(16,) * 5, num_heads=(2,) * 5,
+                          depths=(1,) * 5, num_classes=10, amm_blocks=[3])
+    first, second = build_model(config), build_model(json.loads(json.dumps(config)))
+    assert first.amm_blocks == second.amm_blocks == [3]
+    assert {k: v.shape for k, v in first.state_dict().items()} == {k: v.shape for k, v in second.state_dict().items()}
