@@ -4,6 +4,7 @@ run on a Gaussian data distribution whose exact noise predictor is known."""
 import math
 import os
 import types
+from functools import partial
 
 import numpy as np
 import pytest
@@ -147,7 +148,8 @@ def test_decoder_likelihood_matches_normal_cdf():
     # Deep in the upper tail, where a difference of CDFs would round to zero.
     x, mean, scale = 0.5, -0.5, 0.1
     lower, upper = (x - 1 / 255 - mean) / scale, (x + 1 / 255 - mean) / scale
-    expected = special.log_ndtr(-lower) + math.log1p(-math.exp(special.log_ndtr(-upper) - special.log_ndtr(-lower)))
+    log_sf_lower, log_sf_upper = special.log_ndtr(-lower), special.log_ndtr(-upper)
+    expected = log_sf_lower + math.log1p(-math.exp(log_sf_upper - log_sf_lower))
     log_prob = discretized_gaussian_log_likelihood(
         torch.tensor(x, dtype=torch.float64), means=torch.tensor(mean, dtype=torch.float64),
         log_scales=torch.tensor(math.log(scale), dtype=torch.float64),
@@ -160,7 +162,8 @@ def _log_discretized_normal(x, mean, std):
     upper, lower = (x + 1 / 255 - mean) / std, (x - 1 / 255 - mean) / std
     with np.errstate(divide="ignore"):  # edge bins' "inner" values are not used
         inner = np.log(special.ndtr(upper) - special.ndtr(lower))
-    return np.where(x < -0.999, special.log_ndtr(upper), np.where(x > 0.999, special.log_ndtr(-lower), inner))
+    highest = np.where(x > 0.999, special.log_ndtr(-lower), inner)
+    return np.where(x < -0.999, special.log_ndtr(upper), highest)
 
 
 def test_vb_is_decoder_nll_at_zero_and_gaussian_kl_after():
@@ -175,7 +178,9 @@ def test_vb_is_decoder_nll_at_zero_and_gaussian_kl_after():
     eps_out = torch.randn(shape, generator=generator, dtype=torch.float64)
     v_out = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
     output = torch.cat([eps_out, v_out], dim=1).requires_grad_()  # (B, 2C, H, W)
-    terms = diffusion.training_losses(lambda x, t: output, x_start, torch.from_numpy(steps), noise=noise)
+    terms = diffusion.training_losses(
+        lambda x, t: output, x_start, torch.from_numpy(steps), noise=noise
+    )
 
     # DDPM's reverse mean, eq. 11, and the learned-range variance.
     x0, eps, z, v = (a.detach().numpy() for a in (x_start, eps_out, noise, v_out))
@@ -197,7 +202,8 @@ def test_vb_is_decoder_nll_at_zero_and_gaussian_kl_after():
     per_sample = lambda a: a.reshape(len(steps), -1).mean(1) / math.log(2)  # noqa: E731
     expected_vb = np.where(steps == 0, per_sample(nll), per_sample(kl))
     np.testing.assert_allclose(terms["vb"].detach(), expected_vb, rtol=1e-7)
-    np.testing.assert_allclose(terms["mse"].detach(), ((z - eps) ** 2).reshape(len(steps), -1).mean(1), rtol=1e-12)
+    expected_mse = ((z - eps) ** 2).reshape(len(steps), -1).mean(1)  # the eps channels only
+    np.testing.assert_allclose(terms["mse"].detach(), expected_mse, rtol=1e-12)
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
 
     # The mean is frozen for VB: VB trains only the variance channels.
@@ -211,7 +217,8 @@ def test_rescaled_and_kl_losses():
     output = torch.randn(4, 4, 2, 2, dtype=torch.float64)
     t = torch.tensor([0, 3, 100, 249])
     vb = {}
-    for name, kwargs in [("plain", {}), ("rescaled", {"rescale_learned_sigmas": True}), ("kl", {"use_kl": True})]:
+    variants = {"plain": {}, "rescaled": {"rescale_learned_sigmas": True}, "kl": {"use_kl": True}}
+    for name, kwargs in variants.items():
         diffusion = create_diffusion("250", **kwargs)
         vb[name] = diffusion.training_losses(lambda x, t: output, x_start, t, noise=noise)
     torch.testing.assert_close(vb["rescaled"]["vb"], vb["plain"]["vb"] * 250 / 1000)
@@ -244,12 +251,14 @@ def test_min_snr_weights_by_hand():
     for kwargs, target, weights in cases:
         diffusion = create_diffusion("", learn_sigma=False, **kwargs)
         terms = diffusion.training_losses(zero_model, x_start, t, noise=noise)
-        np.testing.assert_allclose(terms["mse"], weights * (target ** 2).mean(1).numpy(), rtol=1e-10)
+        expected = weights * (target ** 2).mean(1).numpy()
+        np.testing.assert_allclose(terms["mse"], expected, rtol=1e-10)
         assert (terms["vb"] == 0).all()
 
     # Respaced: index i weighs as the original step timestep_map[i].
     spaced = create_diffusion("ddim50", learn_sigma=False)
-    terms = spaced.training_losses(zero_model, x_start[:3], torch.tensor([0, 5, 49]), noise=noise[:3])
+    t = torch.tensor([0, 5, 49])
+    terms = spaced.training_losses(zero_model, x_start[:3], t, noise=noise[:3])
     original_snr = alphas_cumprod[[0, 100, 980]] / (1 - alphas_cumprod[[0, 100, 980]])
     weights = np.minimum(original_snr, 5) / original_snr
     np.testing.assert_allclose(terms["mse"], weights * (noise[:3] ** 2).mean(1).numpy(), rtol=1e-10)
@@ -293,7 +302,8 @@ def _ddim_exact_moments(kept_steps):
         ab_prev = alphas_cumprod[kept_steps[i - 1]] if i > 0 else 1.0
         gain = math.sqrt(ab) * s2 / (ab * s2 + 1 - ab)  # E[x_0 | x] = mu + gain (x - sqrt(ab) mu)
         x0_a, x0_b = gain, mu * (1 - gain * math.sqrt(ab))
-        eps_a, eps_b = (1 - math.sqrt(ab) * x0_a) / math.sqrt(1 - ab), -math.sqrt(ab) * x0_b / math.sqrt(1 - ab)
+        eps_a = (1 - math.sqrt(ab) * x0_a) / math.sqrt(1 - ab)  # eps = (x - sqrt(ab) x_0) / ..
+        eps_b = -math.sqrt(ab) * x0_b / math.sqrt(1 - ab)
         a = math.sqrt(ab_prev) * x0_a + math.sqrt(1 - ab_prev) * eps_a
         b = math.sqrt(ab_prev) * x0_b + math.sqrt(1 - ab_prev) * eps_b
         mean, var = a * mean + b, a * a * var
@@ -304,9 +314,13 @@ def test_ddim_samples_the_gaussian_and_is_deterministic():
     diffusion = create_diffusion("ddim50", learn_sigma=False)
     noise = _start_noise(5)
     torch.manual_seed(6)
-    samples = diffusion.ddim_sample_loop(exact_gaussian_eps, noise.shape, noise=noise, clip_denoised=False, eta=0.0)
+    sample = partial(
+        diffusion.ddim_sample_loop, exact_gaussian_eps, noise.shape, noise=noise,
+        clip_denoised=False, eta=0.0,
+    )
+    samples = sample()
     torch.manual_seed(7)
-    again = diffusion.ddim_sample_loop(exact_gaussian_eps, noise.shape, noise=noise, clip_denoised=False, eta=0.0)
+    again = sample()
     assert torch.equal(samples, again)
     # 50 deterministic steps shrink the spread a little (about 5 % here), a known DDIM
     # discretisation error; the samples must match the exact 50-step moments closely.
@@ -317,12 +331,23 @@ def test_ddim_samples_the_gaussian_and_is_deterministic():
     assert samples.std().item() == pytest.approx(GAUSSIAN_STD, rel=0.07)
 
 
-def test_ddim_with_eta_one_is_stochastic():
-    diffusion = create_diffusion("ddim10", learn_sigma=False)
-    noise = _start_noise(8)[:100]
-    first = diffusion.ddim_sample_loop(exact_gaussian_eps, noise.shape, noise=noise, clip_denoised=False, eta=1.0)
-    second = diffusion.ddim_sample_loop(exact_gaussian_eps, noise.shape, noise=noise, clip_denoised=False, eta=1.0)
-    assert not torch.equal(first, second)
+def test_ddim_with_eta_one_is_ddpm_with_posterior_variance():
+    """With eta = 1, sigma_t^2 is beta~_t and the DDIM mean is the posterior mean (DDIM paper,
+    eq. 16): a DDIM step is a DDPM step with FIXED_SMALL variance, draw for draw."""
+    ddim = create_diffusion("ddim10", learn_sigma=False)
+    ddpm = create_diffusion("ddim10", learn_sigma=False, sigma_small=True)
+    x = _start_noise(8)[:100]
+    for step in (1, 5, 9):
+        t = torch.full((100,), step)
+        torch.manual_seed(step)
+        ddim_sample = ddim.ddim_sample(exact_gaussian_eps, x, t, clip_denoised=False, eta=1.0)
+        torch.manual_seed(step)
+        ddpm_sample = ddpm.p_sample(exact_gaussian_eps, x, t, clip_denoised=False)
+        torch.testing.assert_close(
+            ddim_sample["sample"], ddpm_sample["sample"], rtol=1e-10, atol=1e-12
+        )
+        redrawn = ddim.ddim_sample(exact_gaussian_eps, x, t, clip_denoised=False, eta=1.0)
+        assert not torch.equal(ddim_sample["sample"], redrawn["sample"])
 
 
 #################################################################################
@@ -333,21 +358,59 @@ def test_learned_range_splits_channels_like_dit():
     diffusion = create_diffusion("")
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)  # (B, C, H, W)
     t = torch.tensor([0, 600])
-    for v, expected in [(-1.0, diffusion.posterior_log_variance_clipped), (1.0, np.log(diffusion.betas))]:
+    alphas_cumprod, betas = linear_alphas_cumprod()
+
+    def posterior(s):  # beta~_s, s >= 1
+        return betas[s] * (1 - alphas_cumprod[s - 1]) / (1 - alphas_cumprod[s])
+
+    # v = -1: the posterior variance (beta~_1 at t = 0, where beta~_0 = 0); v = +1: beta_t.
+    expected_variances = {-1.0: [posterior(1), posterior(600)], 1.0: [betas[0], betas[600]]}
+    for v, expected in expected_variances.items():
         output = torch.cat([torch.zeros_like(x), torch.full_like(x, v)], dim=1)  # (B, 2C, H, W)
         out = diffusion.p_mean_variance(lambda x, t: output, x, t, clip_denoised=False)
         for key in ("mean", "variance", "log_variance", "pred_xstart"):
             assert out[key].shape == x.shape
-        np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0], expected[[0, 600]], rtol=1e-12)
+        np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0], np.log(expected), rtol=1e-12)
         # Zero predicted noise: x_0 = x_t / sqrt(ab).
-        expected_xstart = x.numpy() / np.sqrt(diffusion.alphas_cumprod[[0, 600]]).reshape(-1, 1, 1, 1)
-        np.testing.assert_allclose(out["pred_xstart"], expected_xstart, rtol=1e-12)
+        sqrt_ab = np.sqrt(alphas_cumprod[[0, 600]]).reshape(-1, 1, 1, 1)
+        np.testing.assert_allclose(out["pred_xstart"], x.numpy() / sqrt_ab, rtol=1e-12)
     with pytest.raises(ValueError, match="8 output channels"):
         diffusion.p_mean_variance(lambda x, t: x, x, t)
     sampled = create_diffusion("ddim5").p_sample_loop(
         lambda x, t: torch.cat([x, torch.zeros_like(x)], dim=1), (2, 4, 3, 3), clip_denoised=True
     )
     assert sampled.shape == (2, 4, 3, 3) and sampled.abs().max() <= 1
+
+
+def test_fixed_variances():
+    """FIXED_LARGE uses beta_t (beta~_1 at t = 0); FIXED_SMALL the posterior beta~_t, whose
+    logarithm borrows beta~_1 at t = 0, where beta~_0 = 0."""
+    alphas_cumprod, betas = linear_alphas_cumprod()
+    steps = np.array([0, 1, 50, 999])
+    posterior = betas[1:] * (1 - alphas_cumprod[:-1]) / (1 - alphas_cumprod[1:])  # t >= 1
+    clipped = posterior[np.maximum(steps, 1) - 1]
+    expected = {  # sigma_small: (variance, log-variance)
+        False: (np.where(steps == 0, posterior[0], betas[steps]),) * 2,
+        True: (np.where(steps == 0, 0.0, clipped), clipped),
+    }
+    x = torch.randn(len(steps), 2, dtype=torch.float64)
+    for sigma_small, (variance, log_variance_of) in expected.items():
+        diffusion = create_diffusion("", learn_sigma=False, sigma_small=sigma_small)
+        out = diffusion.p_mean_variance(lambda x, t: x, x, torch.from_numpy(steps))
+        np.testing.assert_allclose(out["variance"][:, 0], variance, rtol=1e-12)
+        np.testing.assert_allclose(out["log_variance"][:, 1], np.log(log_variance_of), rtol=1e-12)
+
+
+def test_ddpm_adds_no_noise_at_t0():
+    diffusion = create_diffusion("")
+    x = torch.randn(3, 2, 4, 4)
+    model = lambda x, t: torch.cat([x, torch.zeros_like(x)], dim=1)  # noqa: E731
+    t0, t1 = torch.zeros(3).long(), torch.ones(3).long()
+    torch.testing.assert_close(
+        diffusion.p_sample(model, x, t0)["sample"], diffusion.p_mean_variance(model, x, t0)["mean"]
+    )
+    first, second = (diffusion.p_sample(model, x, t1)["sample"] for _ in range(2))
+    assert not torch.equal(first, second)
 
 
 def test_model_sees_original_timesteps(capsys):
@@ -364,9 +427,12 @@ def test_model_sees_original_timesteps(capsys):
     assert all(len(set(steps)) == 1 for steps in seen)
     assert "10/10" in capsys.readouterr().err  # tqdm progress bar
     seen.clear()
-    diffusion.training_losses(model, torch.zeros(3, 1), torch.tensor([0, 4, 9]), model_kwargs={"y": "label"})
+    t = torch.tensor([0, 4, 9])
+    diffusion.training_losses(model, torch.zeros(3, 1), t, model_kwargs={"y": "label"})
     assert seen == [[diffusion.timestep_map[i] for i in (0, 4, 9)]]
-    progressive = list(diffusion.ddim_sample_loop_progressive(model, (3, 1), model_kwargs={"y": "label"}))
+    progressive = list(
+        diffusion.ddim_sample_loop_progressive(model, (3, 1), model_kwargs={"y": "label"})
+    )
     assert len(progressive) == 10 and set(progressive[0]) == {"sample", "pred_xstart"}
 
 
@@ -404,7 +470,8 @@ def test_uniform_sampler():
 
 def test_loss_second_moment_update_matches_one_at_a_time():
     num_steps = 6
-    sampler = create_named_schedule_sampler("loss-second-moment", types.SimpleNamespace(num_timesteps=num_steps))
+    diffusion = types.SimpleNamespace(num_timesteps=num_steps)  # all a sampler needs
+    sampler = create_named_schedule_sampler("loss-second-moment", diffusion)
     history, counts = np.zeros((num_steps, 10)), np.zeros(num_steps, dtype=int)
     generator = torch.Generator().manual_seed(9)
     # Batch sizes include one where a timestep repeats more than 10 times.
@@ -444,7 +511,8 @@ def test_loss_second_moment_probabilities_and_state():
         s.update_with_local_losses(torch.tensor([1, 1, 2]), torch.tensor([5.0, 6.0, 7.0]))
     torch.testing.assert_close(resumed.state_dict(), sampler.state_dict())
     with pytest.raises(ValueError, match="shape"):
-        LossSecondMomentResampler(types.SimpleNamespace(num_timesteps=5)).load_state_dict(sampler.state_dict())
+        other = LossSecondMomentResampler(types.SimpleNamespace(num_timesteps=5))
+        other.load_state_dict(sampler.state_dict())
 
 
 def test_unknown_sampler_names_the_choices():
