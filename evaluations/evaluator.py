@@ -1,0 +1,121 @@
+"""Evaluates a sample batch against a reference batch with ADM's metrics and Inception graph.
+
+    python evaluations/evaluator.py REF.npz SAMPLE.npz [--inception-graph PATH] [--output-json PATH]
+
+Prints Inception Score, FID, sFID, Precision and Recall as ADM's evaluator does, and writes them
+as JSON next to the sample batch (SAMPLE.metrics.json unless --output-json is given). A batch
+that carries precomputed mu, sigma, mu_s, sigma_s (e.g. VIRTUAL_imagenet256_labeled.npz) has
+its FID and sFID statistics taken from them; its images still give precision and recall.
+"""
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from evaluations import metrics
+from evaluations.inception import (DEFAULT_BATCH_SIZE, POOL_DIM, SPATIAL_DIM, InceptionGraph,
+                                   InceptionGraphNotFound, compute_activations, find_inception_graph)
+from evaluations.npz_batches import ImageBatchFile, NpzFormatError, read_precomputed_statistics
+from runtime.io import atomic_path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref_batch", help="reference batch npz (uint8 images in arr_0, optional statistics)")
+    parser.add_argument("sample_batch", help="sample batch npz (uint8 images in arr_0)")
+    parser.add_argument("--inception-graph", default=None,
+                        help="path of classify_image_graph_def.pb (default: next to this script, "
+                             "then the working directory)")
+    parser.add_argument("--output-json", default=None,
+                        help="where to write the metrics (default: SAMPLE.metrics.json next to the sample batch)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception run")
+    return parser.parse_args(argv)
+
+
+def default_json_path(sample_path):
+    stem = sample_path[:-len(".npz")] if sample_path.endswith(".npz") else sample_path
+    return f"{stem}.metrics.json"
+
+
+class EvaluationBatch:
+    """One npz batch, checked up front: its images and any precomputed statistics."""
+
+    def __init__(self, path):
+        self.path = path
+        self.images = ImageBatchFile(path, min_images=metrics.MIN_MANIFOLD_SIZE)
+        self.precomputed = read_precomputed_statistics(path, POOL_DIM, SPATIAL_DIM)
+
+    def activations(self, inception, batch_size, description):
+        activations = compute_activations(
+            inception, self.images.batches(batch_size), self.images.num_images,
+            accumulate_statistics=self.precomputed is None, description=description,
+        )
+        if self.precomputed is not None:
+            activations = activations._replace(pool_statistics=self.precomputed[0],
+                                               spatial_statistics=self.precomputed[1])
+        return activations
+
+
+def evaluate(reference, samples, inception, batch_size=DEFAULT_BATCH_SIZE):
+    """Metrics of `samples` against `reference` (EvaluationBatch each), as a dict."""
+    print("computing reference batch activations...")
+    reference_acts = reference.activations(inception, batch_size, "reference")
+    print("computing sample batch activations...")
+    sample_acts = samples.activations(inception, batch_size, "samples")
+    print("computing evaluations...")
+    precision, recall = metrics.precision_recall(reference_acts.pool_features, sample_acts.pool_features)
+    return {
+        "inception_score": metrics.inception_score(sample_acts.pool_features, inception.logit_weights),
+        "fid": metrics.statistics_distance(sample_acts.pool_statistics, reference_acts.pool_statistics),
+        "sfid": metrics.statistics_distance(sample_acts.spatial_statistics, reference_acts.spatial_statistics),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def report(results):
+    """The result lines of ADM's evaluator."""
+    return "\n".join([
+        f"Inception Score: {results['inception_score']}",
+        f"FID: {results['fid']}",
+        f"sFID: {results['sfid']}",
+        f"Precision: {results['precision']}",
+        f"Recall: {results['recall']}",
+    ])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be positive, got {args.batch_size}")
+    try:
+        graph_path = find_inception_graph(args.inception_graph)
+        reference, samples = EvaluationBatch(args.ref_batch), EvaluationBatch(args.sample_batch)
+    except (InceptionGraphNotFound, NpzFormatError) as error:
+        raise SystemExit(f"error: {error}") from None
+    json_path = args.output_json or default_json_path(args.sample_batch)
+
+    try:
+        inception = InceptionGraph(graph_path)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    with inception:
+        results = evaluate(reference, samples, inception, args.batch_size)
+    print(report(results))
+
+    record = {**results, "reference_batch": os.path.abspath(args.ref_batch),
+              "sample_batch": os.path.abspath(args.sample_batch),
+              "num_reference_images": reference.images.num_images,
+              "num_sample_images": samples.images.num_images,
+              "inception_graph": os.path.abspath(graph_path)}
+    with atomic_path(json_path) as tmp, open(tmp, "w") as file:
+        json.dump(record, file, indent=2)
+    print(f"wrote {json_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
