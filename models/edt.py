@@ -17,12 +17,14 @@ DOWN_MASK_RATIOS = ((0.4, 0.5), (0.1, 0.2))
 STAGE0_MASK_RATIO = (0.15, 0.25)
 
 
-def token_keep_mask(x, ratio_range):
-    """(N, T) mask (dtype of x: (N, T, C)) of kept tokens; the drop probability p ~ U(ratio_range) is drawn
-    once per call and a token is kept when its U(0, 1) draw is >= p. Draws stay on `device`."""
+def token_keep_mask(x, ratio_range, mask_start=0):
+    """(N, T) mask (dtype of x: (N, T, C)) of kept tokens for samples mask_start..N-1; earlier
+    samples keep every token. The drop probability p ~ U(ratio_range) is drawn once per call
+    and a token is kept when its U(0, 1) draw is >= p. Draws stay on x's device."""
     low, high = ratio_range
     drop_prob = low + (high - low) * torch.rand((), device=x.device)
-    return (torch.rand(x.shape[:2], device=x.device) >= drop_prob).to(x.dtype)
+    masked = (torch.rand(x.shape[0] - mask_start, x.shape[1], device=x.device) >= drop_prob).to(x.dtype)
+    return torch.cat([masked.new_ones(mask_start, x.shape[1]), masked]) if mask_start else masked
 
 
 #################################################################################
@@ -157,10 +159,12 @@ class EDT(GuidedDiffusionModel):
         zero_module_output(self.final_layer.adaLN_modulation[-1])
         zero_module_output(self.final_layer.linear)
 
-    def forward(self, x, t, y, enable_down_mask=False):
+    def forward(self, x, t, y, enable_down_mask=False, mask_start=0):
         """
         x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) class labels.
         enable_down_mask: masked training, tokens dropped before each down-sampling.
+        mask_start: with enable_down_mask, only samples mask_start..N-1 are masked, so that a
+            training step can run its full-token and masked passes as one batch.
         """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
@@ -174,16 +178,16 @@ class EDT(GuidedDiffusionModel):
                 x = self.concat_blocks[up](x, c)  # (N, T_stage, C_stage)
             for index in range(first, last):
                 if enable_down_mask and stage == 0 and index == self.stage0_mask_block:
-                    x = self.replace_dropped_tokens(x)
+                    x = self.replace_dropped_tokens(x, mask_start)
                 x = self.blocks[index](x, c)  # (N, T_stage, C_stage)
             if stage < NUM_DOWN_STAGES:
-                keep = token_keep_mask(x, DOWN_MASK_RATIOS[stage]) if enable_down_mask else None
+                keep = token_keep_mask(x, DOWN_MASK_RATIOS[stage], mask_start) if enable_down_mask else None
                 x = self.down_blocks[stage](x, c, keep)  # (N, T_stage / 4, C_next)
         x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
         return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
 
-    def replace_dropped_tokens(self, x):
-        keep = token_keep_mask(x, STAGE0_MASK_RATIO).unsqueeze(-1)  # (N, T, 1)
+    def replace_dropped_tokens(self, x, mask_start):
+        keep = token_keep_mask(x, STAGE0_MASK_RATIO, mask_start).unsqueeze(-1)  # (N, T, 1)
         return x * keep + (1 - keep) * self.pos_embed
 
 

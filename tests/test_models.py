@@ -303,6 +303,27 @@ def test_masked_forward_is_reproducible_and_differs_from_plain():
         torch.testing.assert_close(train_plain, model(x, t, y), rtol=0, atol=0)
 
 
+def test_batched_full_and_masked_forward_equals_two_forwards():
+    model = randomize(tiny_edt(depths=(5, 1, 1, 1, 1), stage0_mask_block=4, class_dropout_prob=0.0)).train()
+    x, t, y = model_inputs()
+    batch = len(x)
+    results = []
+    for batched in (False, True):
+        model.zero_grad()
+        torch.manual_seed(7)
+        if batched:
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), enable_down_mask=True, mask_start=batch)
+            full, masked = out[:batch], out[batch:]
+        else:
+            full, masked = model(x, t, y), model(x, t, y, enable_down_mask=True)
+        (full.square().mean() + masked.square().mean()).backward()
+        results.append((full.detach(), masked.detach(), [p.grad.clone() for p in model.parameters()]))
+    for plain, batched in zip(results[0][:2], results[1][:2]):
+        torch.testing.assert_close(batched, plain, rtol=1e-5, atol=1e-5)
+    for plain, batched in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(batched, plain, rtol=1e-5, atol=1e-5)
+
+
 #################################################################################
 #                             Checkpoint loading                                #
 #################################################################################
