@@ -1,0 +1,108 @@
+"""Samples grids of chosen classes (rows) with several samples each (columns) into a PNG.
+
+    python image_generator.py --ckpt EDT-XL-2.pt --class-labels 207 360 387 974 --samples-per-class 4
+    python image_generator.py --ckpt EDT-XL-2.pt --compare-amm    (with and without AMM, same noise)
+
+Image k of the grid (row-major) uses the noise of (seed, k), so grids made with different
+settings from the same seed are directly comparable.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from runtime.checkpoint import CheckpointError
+from runtime.logging import create_logger
+from runtime.vae import VAENotFoundError
+from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
+from sampling.images import make_grid, save_png, side_by_side
+from sampling.loading import SamplingSetupError, load_sampling_model
+from sampling.naming import amm_tag, comparison_tag, sample_name
+from sampling.sampler import guided_model_fn, sample_images
+
+DEFAULT_MODEL = "EDT-XL/2"
+DEFAULT_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser, default_model=DEFAULT_MODEL)
+    add_sampling_arguments(parser, cfg_scale=4.0)
+    parser.add_argument("--class-labels", type=int, nargs="+", default=list(DEFAULT_CLASSES),
+                        help="one grid row per class")
+    parser.add_argument("--samples-per-class", type=int, default=4, help="grid columns")
+    parser.add_argument("--compare-amm", action="store_true",
+                        help="also sample without AMM from the same noise; save both grids side by side")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output-dir", default="grids")
+    args = parser.parse_args(argv)
+    for name in ("samples_per_class", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if args.seed < 0:
+        raise SystemExit("error: --seed must be non-negative")
+    return args
+
+
+def load(args, device):
+    """The model and VAE; SystemExit with one line on bad input."""
+    try:
+        loaded = load_sampling_model(**loader_kwargs(args), device=device, default_model_name=DEFAULT_MODEL)
+    except (CheckpointError, VAENotFoundError, SamplingSetupError) as error:
+        raise SystemExit(f"error: {error}")
+    bad = [label for label in args.class_labels if not 0 <= label < loaded.num_classes]
+    if bad:
+        raise SystemExit(f"error: --class-labels {bad} outside 0 .. {loaded.num_classes - 1}")
+    if args.compare_amm and not loaded.model.amm_blocks:
+        raise SystemExit(f"error: --compare-amm needs AMM blocks, and {loaded.model_name} has none "
+                         "as loaded: add --amm or --amm-blocks")
+    return loaded
+
+
+def sample_grid(sample, loaded, args):
+    """uint8 grid image: row r holds --samples-per-class samples of class r."""
+    labels = torch.tensor(args.class_labels).repeat_interleave(args.samples_per_class)  # (rows * columns,)
+    indices = list(range(len(labels)))
+    batches = sample_images(sample, loaded.vae, args.seed, indices, args.batch_size,
+                            loaded.num_classes, labels, progress=True)
+    images = np.concatenate([batch_images for _, batch_images in batches])
+    return make_grid(images, rows=len(args.class_labels), columns=args.samples_per_class)
+
+
+def grid_path(args, loaded, amm):
+    """The PNG path of a grid; `amm` as in `sample_name`."""
+    name = sample_name(loaded.model_name, args.ckpt, loaded.image_size, loaded.vae_name,
+                       args.cfg_scale, args.sampler, args.num_sampling_steps, amm, args.seed,
+                       CFG_CHANNELS[args.cfg_channels], args.mixed_precision)
+    return os.path.join(args.output_dir, f"{name}.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sampler = make_sampler(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_grad_enabled(False)
+    loaded = load(args, device)
+    logger = create_logger(args.output_dir, is_main=True)
+
+    model_fn = guided_model_fn(loaded.model, args.cfg_scale, CFG_CHANNELS[args.cfg_channels],
+                               args.mixed_precision)
+    sample = sampler.sample_fn(model_fn, loaded.latent_shape, device, loaded.dtype)
+    settings = [loaded.model.amm_blocks, []] if args.compare_amm else [loaded.model.amm_blocks]
+    grids = []
+    for amm_blocks in settings:
+        loaded.model.set_amm_blocks(amm_blocks)
+        grids.append(sample_grid(sample, loaded, args))
+        path = grid_path(args, loaded, amm_tag(amm_blocks))
+        save_png(path, grids[-1])
+        logger.info(f"saved {path} (classes {args.class_labels}, AMM blocks {amm_blocks})")
+    if args.compare_amm:
+        path = grid_path(args, loaded, comparison_tag(settings[0]))
+        save_png(path, side_by_side(*grids))
+        logger.info(f"saved {path}: with AMM (left) and without (right), the same noise")
+
+
+if __name__ == "__main__":
+    main()

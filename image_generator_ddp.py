@@ -1,0 +1,98 @@
+"""Samples images for FID-50K into one npz, on any number of processes.
+
+    torchrun --nnodes=1 --nproc_per_node=N image_generator_ddp.py --model EDT-S/2 --ckpt CKPT \
+        --amm --output-dir SAMPLES --num-images 50000
+    python image_generator_ddp.py ...   (one process)
+
+Every image's class and noise come from (global seed, image index), so the npz does not depend
+on the number of processes or the batch size. Each image is kept as `{index:06d}.png` in the
+sample folder, whose name records the settings; a re-run samples only the missing ones, then
+the npz `samples_{N}x{H}x{W}x3.npz` (`arr_0` images, `arr_1` labels) is assembled from them.
+"""
+import argparse
+import os
+
+import torch
+
+from runtime.checkpoint import CheckpointError
+from runtime.distributed import barrier, cleanup, init_distributed, split_range
+from runtime.logging import create_logger
+from runtime.vae import VAENotFoundError
+from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
+from sampling.images import missing_indices, npz_name, save_pngs, write_npz_from_pngs
+from sampling.loading import SamplingSetupError, load_sampling_model
+from sampling.naming import amm_tag, sample_name
+from sampling.sampler import all_labels, balanced_labels, guided_model_fn, sample_images
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, cfg_scale=1.0)
+    parser.add_argument("--output-dir", default="samples", help="the sample folder goes in here")
+    parser.add_argument("--num-images", type=int, default=50_000)
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--class-balanced", action="store_true",
+                        help="exactly num_images / num_classes images per class")
+    args = parser.parse_args(argv)
+    for name in ("num_images", "per_proc_batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if args.global_seed < 0:
+        raise SystemExit("error: --global-seed must be non-negative")
+    return args
+
+
+def setup(args, context):
+    """Model, VAE and fixed labels; SystemExit with one line (from rank 0) on bad input."""
+    try:
+        loaded = load_sampling_model(**loader_kwargs(args), device=context.device)
+        labels = (balanced_labels(args.global_seed, args.num_images, loaded.num_classes)
+                  if args.class_balanced else None)
+    except (CheckpointError, VAENotFoundError, SamplingSetupError, ValueError) as error:
+        raise SystemExit(f"error: {error}" if context.is_main else 1)
+    return loaded, labels
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sampler = make_sampler(args)
+    context = init_distributed()
+    torch.set_grad_enabled(False)
+    try:
+        loaded, labels = setup(args, context)
+        cfg_channels = CFG_CHANNELS[args.cfg_channels]
+        folder = os.path.join(args.output_dir, sample_name(
+            loaded.model_name, args.ckpt, loaded.image_size, loaded.vae_name, args.cfg_scale,
+            args.sampler, args.num_sampling_steps, amm_tag(loaded.model.amm_blocks), args.global_seed,
+            cfg_channels, args.mixed_precision, args.num_images if args.class_balanced else None))
+        logger = create_logger(folder, context.is_main)
+
+        # Every process lists the missing PNGs before any is written, so all split them alike.
+        missing = missing_indices(folder, args.num_images)
+        barrier()
+        mine = [missing[i] for i in split_range(len(missing), context.rank, context.world_size)]
+        logger.info(f"{loaded.model_name} from {args.ckpt}, AMM blocks {loaded.model.amm_blocks}; "
+                    f"{args.num_images - len(missing)} of {args.num_images} images already in "
+                    f"{folder}, sampling {len(missing)} on {context.world_size} processes")
+
+        model_fn = guided_model_fn(loaded.model, args.cfg_scale, cfg_channels, args.mixed_precision)
+        sample = sampler.sample_fn(model_fn, loaded.latent_shape, context.device, loaded.dtype)
+        for indices, images in sample_images(sample, loaded.vae, args.global_seed, mine,
+                                             args.per_proc_batch_size, loaded.num_classes,
+                                             labels, progress=context.is_main):
+            save_pngs(folder, indices, images)
+        barrier()
+
+        if context.is_main:
+            path = os.path.join(folder, npz_name(args.num_images, loaded.image_size, loaded.image_size))
+            class_labels = all_labels(args.global_seed, args.num_images, loaded.num_classes, labels)
+            shape = write_npz_from_pngs(path, folder, class_labels)
+            logger.info(f"wrote {path}: arr_0 uint8 {shape}, arr_1 labels ({shape[0]},)")
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

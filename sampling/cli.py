@@ -1,0 +1,59 @@
+"""Command-line options shared by the two sampling scripts."""
+from runtime.vae import VAE_NAMES
+
+from .loading import AMM_PRESET
+from .sampler import PRECISIONS, SAMPLERS, Sampler
+
+CFG_CHANNELS = {"3": 3, "all": None}  # guided output channels: the faithful 3, or all
+
+
+def add_model_arguments(parser, default_model=None):
+    parser.add_argument("--ckpt", required=True, help="a released checkpoint or one of train_mask_adan.py")
+    parser.add_argument("--model", default=None,
+                        help="model name, e.g. EDT-S/2 or DiT-XL/2; optional when the checkpoint "
+                             "records its model" + (f" (default {default_model})" if default_model else ""))
+    parser.add_argument("--ckpt-key", choices=("ema", "model"), default="ema",
+                        help="which weights of a training checkpoint")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="default: the checkpoint's, else 256")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="default: the checkpoint's, else 1000")
+    parser.add_argument("--vae", choices=(*VAE_NAMES, "none"), default=None,
+                        help="default: the checkpoint's, else ema; 'none' for pixel-space models")
+    parser.add_argument("--vae-path", default=None, help="local VAE folder (default ./sd-vae-ft-{vae})")
+    amm = parser.add_mutually_exclusive_group()
+    amm.add_argument("--amm", dest="amm", action="store_const", const=AMM_PRESET,
+                     help="AMM in the model's default blocks (without these three flags the "
+                          "model's own setting: on for EDT-*/2, off for *_noAMM and DiT)")
+    amm.add_argument("--no-amm", dest="amm", action="store_const", const=[], help="no AMM block")
+    amm.add_argument("--amm-blocks", dest="amm", type=int, nargs="+", metavar="INDEX",
+                     help="AMM in exactly these blocks (flat indices)")
+
+
+def add_sampling_arguments(parser, cfg_scale):
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    parser.add_argument("--cfg-channels", choices=tuple(CFG_CHANNELS), default="3",
+                        help="guide the first 3 output channels (as released) or all")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddim: eta = 0")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default="no",
+                        help="autocast the model in fp16 or bf16")
+
+
+def make_sampler(args):
+    """The Sampler the arguments ask for; SystemExit on a step count it cannot respace to."""
+    if args.num_sampling_steps < 1:
+        raise SystemExit("error: --num-sampling-steps must be at least 1")
+    if args.cfg_scale < 1.0:
+        raise SystemExit("error: --cfg-scale must be at least 1")
+    try:
+        return Sampler(args.sampler, args.num_sampling_steps)
+    except ValueError as error:
+        raise SystemExit(f"error: --num-sampling-steps {args.num_sampling_steps}: {error}")
+
+
+def loader_kwargs(args):
+    """load_sampling_model's arguments from the parsed options."""
+    return dict(ckpt=args.ckpt, model_name=args.model, image_size=args.image_size,
+                num_classes=args.num_classes, vae_name=args.vae, vae_path=args.vae_path,
+                ckpt_key=args.ckpt_key, amm=args.amm)

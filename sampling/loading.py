@@ -1,0 +1,151 @@
+"""Model, checkpoint and VAE for sampling, from what the user asked and what the checkpoint says.
+
+Two checkpoint kinds load:
+- released ones (a raw state dict, or {model, ema, opt, args}): the model is `--model NAME`,
+  with input_size = image_size / (VAE downsampling) and `num_classes`;
+- ours (train_mask_adan.py): {model, ema, args, model_config, vae, image_size}, rebuilt from
+  its model_config; `vae` and `image_size` become the defaults.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from models import ALL_MODELS, build_model, create_model, load_checkpoint
+from runtime import vae as vae_lib
+from runtime.checkpoint import read_checkpoint
+
+DEFAULT_IMAGE_SIZE = 256
+DEFAULT_NUM_CLASSES = 1000
+DEFAULT_VAE = "ema"
+PIXEL_CHANNELS = 3
+AMM_PRESET = "default"  # what `--amm` asks for: the model's published AMM blocks
+
+
+class SamplingSetupError(ValueError):
+    """Arguments that do not fit the checkpoint, the model or the VAE."""
+
+
+@dataclass
+class SamplingModel:
+    model: torch.nn.Module
+    model_name: str
+    image_size: int
+    vae_name: str  # "ema", "mse" or "none" (pixel space)
+    vae: object  # the AutoencoderKL, or None in pixel space
+    latent_shape: tuple  # (C, h, w) the model samples
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    @property
+    def num_classes(self):
+        return self.model.y_embedder.num_classes
+
+
+#################################################################################
+#                                  Loading                                      #
+#################################################################################
+
+def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None, vae_name=None,
+                        vae_path=None, ckpt_key="ema", amm=None, device="cpu", default_model_name=None):
+    """Reads the checkpoint, loads the VAE, builds the model with its AMM setting, loads the
+    weights strictly and returns a SamplingModel in eval mode on `device`.
+
+    amm: None keeps the model's own setting, "default" its published preset, a list of block
+    indices those blocks ([] none). default_model_name is used for a checkpoint that does not
+    record its model when model_name is None. Raises CheckpointError, VAENotFoundError or
+    SamplingSetupError with a message for the user.
+    """
+    checkpoint = read_checkpoint(ckpt)
+    recorded = checkpoint if isinstance(checkpoint, dict) and "model_config" in checkpoint else {}
+    image_size = image_size or recorded.get("image_size") or DEFAULT_IMAGE_SIZE
+    vae_name = vae_name or recorded.get("vae") or DEFAULT_VAE
+    vae = None if vae_name == "none" else vae_lib.load_vae(vae_name, vae_path, device)
+    latent_shape = sampled_shape(vae, image_size)
+
+    if recorded:
+        model_name = recorded_model_name(recorded["model_config"], model_name)
+        model = build_recorded_model(recorded["model_config"], num_classes, amm)
+    elif (model_name or default_model_name) is None:
+        raise SamplingSetupError(f"{ckpt} does not record its model: name it with --model")
+    else:
+        model_name = model_name or default_model_name
+        model = build_released_model(model_name, latent_shape, num_classes, amm)
+    check_input_shape(model, model_name, latent_shape, image_size, vae_name)
+    load_checkpoint(model, ckpt, key=ckpt_key, model_name=model_name)
+    model = model.to(device).eval()
+    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape)
+
+
+def sampled_shape(vae, image_size):
+    """(C, h, w) of what the model generates for one image_size x image_size image."""
+    if vae is None:
+        return (PIXEL_CHANNELS, image_size, image_size)
+    factor = vae_lib.downsampling_factor(vae)
+    if image_size % factor:
+        raise SamplingSetupError(f"--image-size {image_size} is not a multiple of the VAE's "
+                                 f"downsampling factor {factor}")
+    return vae_lib.latent_shape(vae, image_size)
+
+
+#################################################################################
+#                                Model building                                 #
+#################################################################################
+
+def amm_kwargs(model_name, amm, recorded_blocks=None):
+    """The `amm_blocks` argument for the model constructor; {} keeps the model's default."""
+    if amm is None:
+        return {}
+    if amm == AMM_PRESET and model_name not in ALL_MODELS:
+        # A custom-size model has no published preset; its recorded blocks are its default.
+        if not recorded_blocks:
+            raise SamplingSetupError(f"{model_name} has no AMM preset: choose blocks with --amm-blocks")
+        return {"amm_blocks": list(recorded_blocks)}
+    return {"amm_blocks": amm}
+
+
+def build_released_model(model_name, latent_shape, num_classes, amm):
+    channels, side, _ = latent_shape
+    kwargs = dict(input_size=side, in_channels=channels, num_classes=num_classes or DEFAULT_NUM_CLASSES)
+    return construct(create_model, model_name, **kwargs, **amm_kwargs(model_name, amm))
+
+
+def recorded_model_name(config, requested):
+    if requested is not None and requested != config["name"]:
+        raise SamplingSetupError(f"the checkpoint holds {config['name']} (its model_config), "
+                                 f"not --model {requested}; leave --model out")
+    return config["name"]
+
+
+def build_recorded_model(config, num_classes, amm):
+    kwargs = dict(config["kwargs"])
+    recorded_classes = kwargs.get("num_classes", DEFAULT_NUM_CLASSES)
+    if num_classes is not None and num_classes != recorded_classes:
+        raise SamplingSetupError(f"the checkpoint's model has {recorded_classes} classes, "
+                                 f"not --num-classes {num_classes}")
+    kwargs.update(amm_kwargs(config["name"], amm, kwargs.get("amm_blocks")))
+    return construct(build_model, {"name": config["name"], "kwargs": kwargs})
+
+
+def construct(builder, *args, **kwargs):
+    """Calls a model builder, turning its ValueErrors (unknown name, AMM preset or block index)
+    into SamplingSetupErrors."""
+    try:
+        return builder(*args, **kwargs)
+    except ValueError as error:
+        raise SamplingSetupError(str(error)) from None
+
+
+def model_input_shape(model):
+    """(C, h, w) the model takes: its token grid (from pos_embed) times its patch size."""
+    side = round(model.pos_embed.shape[1] ** 0.5) * model.patch_size
+    return (model.in_channels, side, side)
+
+
+def check_input_shape(model, model_name, latent_shape, image_size, vae_name):
+    expected = model_input_shape(model)
+    if tuple(latent_shape) != expected:
+        raise SamplingSetupError(
+            f"{model_name} takes inputs of shape {expected}, but --image-size {image_size} with "
+            f"--vae {vae_name} gives {tuple(latent_shape)}")

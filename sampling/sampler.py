@@ -1,0 +1,168 @@
+"""Sampling functions whose every random number comes from one generator per image.
+
+An image's start noise, its DDPM step noise and (by default) its class are drawn from a generator
+seeded with (global seed, image index), on the CPU. A sample therefore depends on its index only,
+never on the batch it shares, the batch size or the process that draws it:
+
+    sampler = Sampler("ddpm", num_steps=250)
+    sample = sampler.sample_fn(model_fn, latent_shape, device)   # chosen once
+    latents = sample(image_generators(seed, indices), labels)      # (B, C, H, W), per batch
+"""
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion import create_diffusion
+from latents.extract import image_noise_seed
+
+from .images import decode_to_uint8
+
+SAMPLERS = ("ddpm", "ddim")
+PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+#################################################################################
+#                            Per-image randomness                               #
+#################################################################################
+
+def image_generators(seed, indices):
+    """One CPU generator per image, seeded with (seed, index)."""
+    return [torch.Generator().manual_seed(image_noise_seed(seed, index)) for index in indices]
+
+
+def draw_noise(generators, shape, device, dtype=torch.float32):
+    """(B, *shape) standard normal noise, row b drawn from generators[b]."""
+    noise = torch.stack([torch.randn(shape, generator=generator) for generator in generators])
+    return noise.to(device=device, dtype=dtype)
+
+
+def random_labels(generators, num_classes):
+    """(B,) classes drawn uniformly, each from its image's generator (its first draw)."""
+    return torch.cat([torch.randint(num_classes, (1,), generator=generator) for generator in generators])
+
+
+def batch_inputs(seed, indices, num_classes, labels=None):
+    """(generators, labels (B,)) of the images `indices`. An image's class is the first draw of
+    its generator, its noise the following ones, unless `labels` (over all image indices)
+    fixes the classes."""
+    generators = image_generators(seed, indices)
+    if labels is None:
+        return generators, random_labels(generators, num_classes)
+    return generators, labels[list(indices)]
+
+
+def all_labels(seed, num_images, num_classes, labels=None):
+    """(num_images,) the classes `batch_inputs` gives images 0 .. num_images - 1."""
+    return batch_inputs(seed, range(num_images), num_classes, labels)[1]
+
+
+def balanced_labels(seed, num_images, num_classes):
+    """(num_images,) with every class exactly num_images / num_classes times, shuffled by seed."""
+    if num_images % num_classes:
+        raise ValueError(f"class-balanced sampling needs a number of images divisible by "
+                         f"{num_classes} classes, got {num_images}")
+    labels = torch.arange(num_images) % num_classes
+    return labels[torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))]
+
+
+#################################################################################
+#                           Classifier-free guidance                            #
+#################################################################################
+
+def guided_model_fn(model, cfg_scale=1.0, cfg_channels=3, precision="no"):
+    """model_fn(x, t, y) -> (B, C_out, H, W) for the diffusion loops.
+
+    cfg_scale 1 is the plain forward. Otherwise the batch is run as [x, x] with labels
+    [y, null] through `forward_with_cfg`, guiding the first `cfg_channels` output channels
+    (None: all); only the guided first half is returned, so each image keeps one state and
+    one noise stream in the loop.
+    """
+    autocast_dtype = PRECISIONS[precision]
+    null_class = model.y_embedder.num_classes
+
+    def autocast(x):
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=autocast_dtype)
+
+    if cfg_scale == 1.0:
+        def model_fn(x, t, y):
+            with autocast(x):
+                out = model(x, t, y)
+            return out.to(x.dtype)
+        return model_fn
+
+    def model_fn(x, t, y):
+        batch = len(x)
+        x_in = torch.cat([x, x])  # (2B, C, H, W)
+        y_in = torch.cat([y, torch.full_like(y, null_class)])
+        with autocast(x):
+            out = model.forward_with_cfg(x_in, torch.cat([t, t]), y_in, cfg_scale, cfg_channels)
+        return out[:batch].to(x.dtype)  # (B, C_out, H, W), guided
+    return model_fn
+
+
+#################################################################################
+#                                  Sampler                                      #
+#################################################################################
+
+class Sampler:
+    """A DDPM or DDIM (eta = 0) sampler over `num_steps` respaced steps of the 1000-step
+    diffusion; `sample_fn` hands back the sampling function."""
+
+    def __init__(self, method="ddpm", num_steps=250):
+        if method not in SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")
+        self.method = method
+        self.num_steps = num_steps
+        respacing = str(num_steps) if method == "ddpm" else f"ddim{num_steps}"
+        self.diffusion = create_diffusion(respacing)
+
+    def sample_fn(self, model_fn, latent_shape, device, dtype=torch.float32):
+        """Returns sample(generators, labels) -> (B, *latent_shape) latents."""
+        build = self._ddpm_fn if self.method == "ddpm" else self._ddim_fn
+        return build(model_fn, tuple(latent_shape), device, dtype)
+
+    def _ddpm_fn(self, model_fn, latent_shape, device, dtype):
+        diffusion = self.diffusion
+
+        # The diffusion's own p_sample draws its step noise from the global RNG, which would
+        # tie each image to its batch; this loop takes the mean and variance from the diffusion
+        # and the noise from each image's generator.
+        @torch.no_grad()
+        def sample(generators, labels):
+            x = draw_noise(generators, latent_shape, device, dtype)  # x_T
+            labels = labels.to(device)
+            for step in reversed(range(diffusion.num_timesteps)):
+                t = torch.full((len(x),), step, device=device, dtype=torch.long)
+                out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False,
+                                                model_kwargs={"y": labels})
+                x = out["mean"]
+                if step > 0:  # the last step returns the mean
+                    noise = draw_noise(generators, latent_shape, device, dtype)
+                    x = x + torch.exp(0.5 * out["log_variance"]) * noise
+            return x
+        return sample
+
+    def _ddim_fn(self, model_fn, latent_shape, device, dtype):
+        diffusion = self.diffusion
+
+        @torch.no_grad()
+        def sample(generators, labels):
+            z = draw_noise(generators, latent_shape, device, dtype)  # x_T; eta = 0 adds no more
+            return diffusion.ddim_sample_loop(model_fn, z.shape, noise=z, clip_denoised=False,
+                                              model_kwargs={"y": labels.to(device)}, device=device)
+        return sample
+
+
+#################################################################################
+#                              Sampling in batches                              #
+#################################################################################
+
+def sample_images(sample, vae, seed, indices, batch_size, num_classes, labels=None, progress=False):
+    """Yields (batch indices, uint8 images (B, H, W, 3)) for `indices`, batch by batch."""
+    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    for batch in tqdm(batches, disable=not progress, desc="sampling"):
+        generators, batch_labels = batch_inputs(seed, batch, num_classes, labels)
+        yield batch, decode_to_uint8(vae, sample(generators, batch_labels))
