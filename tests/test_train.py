@@ -1,0 +1,292 @@
+"""train_mask_adan.py on CPU: a tiny EDT on tiny latents.
+
+Covers the lr schedule, the data order, loss falling, bit-exact resume (with and without
+gradient accumulation), checkpoint contents, two processes under accelerate, and bad input.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import train_mask_adan
+from diffusion import create_diffusion
+from latents import LatentDataset
+from latents.shards import plan_shards, write_manifest, write_shard
+from runtime.checkpoint import load_checkpoint, read_checkpoint
+from training.data import EpochBatches
+from training.schedule import default_init_lr, learning_rate
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_LATENTS = 16
+NUM_CLASSES = 3
+TINY_EDT = ["--model", "EDT", "--dims", *["32"] * 5, "--num-heads", *["2"] * 5,
+            "--depths", *["1"] * 5, "--patch-size", "1", "--num-workers", "0", "--log-every", "2"]
+
+
+def write_features(path, latent_shape=(4, 8, 8), image_size=64, vae="ema", count=NUM_LATENTS):
+    """A features folder as extract_features.py writes it, with random latents."""
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((count, 1, *latent_shape)).astype(np.float16)
+    features = np.concatenate([latents, latents[..., ::-1]], axis=1)  # (N, 2, C, h, w)
+    labels = np.arange(count) % NUM_CLASSES
+    settings = {"image_size": image_size, "vae": vae}
+    specs = plan_shards(count, shard_size=8)
+    for spec in specs:
+        write_shard(path, spec, features[spec.start:spec.stop], labels[spec.start:spec.stop], [], settings)
+    write_manifest(path, specs, {"image_size": image_size, "latent_shape": list(latent_shape), "vae": vae,
+                                 "scale_factor": 0.18215, "settings": settings,
+                                 "class_to_idx": {f"class{i}": i for i in range(NUM_CLASSES)}})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return write_features(tmp_path_factory.mktemp("features"))
+
+
+def train(features, results, *options):
+    return train_mask_adan.main(["--feature-path", features, "--results-dir", str(results),
+                                 *TINY_EDT, *options])
+
+
+def checkpoint_files(results):
+    (experiment,) = os.listdir(results)
+    return sorted(os.listdir(os.path.join(results, experiment, "checkpoints"))), os.path.join(results, experiment)
+
+
+def assert_same_tree(a, b, where="checkpoint"):
+    """Recursively equal: tensors bit for bit, everything else with ==."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{index}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+#################################################################################
+#                            Schedule and data order                            #
+#################################################################################
+
+def test_learning_rate_is_linear_then_flat():
+    assert learning_rate(0, 1e-3, 5e-5, 400_000) == 1e-3
+    assert learning_rate(200_000, 1e-3, 5e-5, 400_000) == pytest.approx(5.25e-4)
+    assert learning_rate(100_000, 1e-3, 5e-5, 400_000) == pytest.approx(7.625e-4)
+    assert learning_rate(400_000, 1e-3, 5e-5, 400_000) == 5e-5
+    assert learning_rate(900_000, 1e-3, 5e-5, 400_000) == 5e-5
+    assert default_init_lr("EDT-XL/2") == 5e-4
+    assert default_init_lr("EDT-S/2") == default_init_lr("EDT") == 1e-3
+
+
+def test_processes_read_disjoint_micro_batches_of_each_global_batch():
+    world, mini, accumulation = 2, 2, 2
+    global_batch = world * mini * accumulation
+    ranks = [EpochBatches(20, 7, global_batch, mini, rank, world) for rank in range(world)]
+    assert ranks[0].steps_per_epoch == 20 // global_batch  # the incomplete batch is dropped
+    per_rank = [rank.micro_batches(epoch=3) for rank in ranks]
+    for step in range(ranks[0].steps_per_epoch):
+        step_items = [index for batches in per_rank
+                      for batch in batches[step * accumulation:(step + 1) * accumulation] for index in batch]
+        assert len(set(step_items)) == global_batch
+    everything = [index for batches in per_rank for batch in batches for index in batch]
+    assert len(set(everything)) == len(everything) == ranks[0].steps_per_epoch * global_batch
+    # Resuming mid-epoch reads the rest of the same order; other epochs are reshuffled.
+    assert ranks[1].micro_batches(epoch=3, first_step=1) == per_rank[1][accumulation:]
+    assert ranks[1].micro_batches(epoch=4) != per_rank[1]
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+def fixed_noise_loss(model, features_path):
+    """The full-token loss of every latent at fixed timesteps and noise (no label drop)."""
+    dataset = LatentDataset(features_path, seed=0, random_flip=False)
+    latents = torch.stack([dataset[index][0] for index in range(len(dataset))])  # (N, C, h, w)
+    labels = torch.stack([dataset[index][1] for index in range(len(dataset))])
+    diffusion = create_diffusion("")
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.full((len(latents),), t)
+            total += diffusion.training_losses(model, latents, timesteps, dict(y=labels),
+                                               noise=noise)["loss"].mean().item()
+    return total / 5
+
+
+def test_loss_falls_when_fitting_a_few_latents(tmp_path):
+    features = write_features(tmp_path / "features", count=4)
+    train(features, tmp_path / "results", "--global-batch-size", "4", "--max-steps", "60",
+          "--ckpt-every", "5", "--init-lr", "2e-3", "--schedule-sampler", "uniform")
+    files, experiment = checkpoint_files(tmp_path / "results")
+    assert files[0] == "0000005.pt" and files[-1] == "0000060.pt"
+    losses = []
+    for name in (files[0], files[-1]):
+        checkpoint = read_checkpoint(os.path.join(experiment, "checkpoints", name))
+        model = models.build_model(checkpoint["model_config"])
+        model.load_state_dict(checkpoint["model"])
+        losses.append(fixed_noise_loss(model, features))
+    assert losses[1] < 0.7 * losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def resume_runs(features, tmp_path_factory):
+    """For each batch plan: (checkpoint of 6 straight steps, of 3 + resume + 3, results dirs)."""
+    runs = {}
+    for plan in (("--global-batch-size", "4"), ("--global-batch-size", "8", "--mini-batch-size", "4")):
+        straight = tmp_path_factory.mktemp("straight")
+        split = tmp_path_factory.mktemp("split")
+        train(features, straight, *plan, "--max-steps", "6")
+        train(features, split, *plan, "--max-steps", "3")
+        train(features, split, *plan, "--max-steps", "6", "--resume", "latest")
+        runs[plan] = (straight, split)
+    return runs
+
+
+def test_resume_is_bit_exact(resume_runs):
+    for plan, (straight, split) in resume_runs.items():
+        straight_files, straight_dir = checkpoint_files(straight)
+        split_files, split_dir = checkpoint_files(split)
+        assert straight_files == ["0000006.pt"]
+        assert split_files == ["0000003.pt", "0000006.pt"]  # the resumed run went on in its folder
+        a = read_checkpoint(os.path.join(straight_dir, "checkpoints", "0000006.pt"))
+        b = read_checkpoint(os.path.join(split_dir, "checkpoints", "0000006.pt"))
+        for key in ("model", "ema", "opt", "schedule_sampler", "rng", "step", "epoch", "epoch_step"):
+            assert_same_tree(a[key], b[key], f"{plan} {key}")
+        assert b["schedule_sampler"]["loss_counts"].sum() > 0
+
+
+def test_checkpoint_contents(resume_runs, features):
+    straight, _ = resume_runs[("--global-batch-size", "4")]
+    files, experiment = checkpoint_files(straight)
+    assert os.path.basename(experiment) == "000-EDT"
+    path = os.path.join(experiment, "checkpoints", files[-1])
+    checkpoint = read_checkpoint(path)
+    assert {"model", "ema", "opt", "args", "step", "epoch", "epoch_step", "schedule_sampler", "rng",
+            "model_config", "vae", "image_size", "world_size", "grad_scaler"} <= checkpoint.keys()
+    assert isinstance(checkpoint["args"], argparse.Namespace) and checkpoint["args"].max_steps == 6
+    # 6 steps of 4 steps per epoch (16 latents, batch 4): 2 steps into the second epoch.
+    assert (checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]) == (6, 1, 2)
+    assert checkpoint["vae"] == "ema" and checkpoint["image_size"] == 64
+    assert checkpoint["model_config"]["kwargs"]["in_channels"] == 4
+    assert len(checkpoint["rng"]) == checkpoint["world_size"] == 1
+    assert checkpoint["opt"]["param_groups"][0]["betas"] == (0.98, 0.92, 0.99)
+    assert checkpoint["opt"]["param_groups"][0]["weight_decay"] == 0.0
+    assert not torch.equal(checkpoint["model"]["final_layer.linear.weight"],
+                           checkpoint["ema"]["final_layer.linear.weight"])
+    model = models.build_model(checkpoint["model_config"])
+    load_checkpoint(model, path, key="ema")
+    assert torch.equal(model.final_layer.linear.weight, checkpoint["ema"]["final_layer.linear.weight"])
+    log = open(os.path.join(experiment, "log.txt")).read()
+    assert "trainable parameters" in log and "GMACs" in log and "(step=0000006) loss" in log
+    assert any(name.startswith("events.out.tfevents")
+               for name in os.listdir(os.path.join(experiment, "tensorboard")))
+
+
+#################################################################################
+#                                Two processes                                  #
+#################################################################################
+
+TWO_PROCESS_DRIVER = textwrap.dedent("""
+    import os, sys
+    import torch
+    sys.path.insert(0, {repo!r})
+    import train_mask_adan
+    from training.data import EpochBatches
+
+    seen = {{}}
+    planned = EpochBatches.micro_batches
+
+    def recording(self, epoch, first_step=0):
+        batches = planned(self, epoch, first_step)
+        seen.setdefault(epoch, []).extend(index for batch in batches for index in batch)
+        return batches
+
+    EpochBatches.micro_batches = recording
+    state = train_mask_adan.main(sys.argv[2:])
+    torch.save({{"model": state.model.state_dict(), "seen": seen}},
+               os.path.join(sys.argv[1], f"rank{{os.environ['RANK']}}.pt"))
+""")
+
+
+def test_two_processes_stay_in_sync_on_disjoint_data(features, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(TWO_PROCESS_DRIVER.format(repo=REPO_ROOT))
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
+               *TINY_EDT, "--global-batch-size", "8", "--mini-batch-size", "2", "--max-steps", "4"]
+    completed = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert_same_tree(ranks[0]["model"], ranks[1]["model"], "rank 0 vs rank 1")
+    files, experiment = checkpoint_files(results)
+    checkpoint = read_checkpoint(os.path.join(experiment, "checkpoints", files[-1]))
+    assert_same_tree(checkpoint["model"], ranks[0]["model"], "checkpoint vs rank 0")
+    assert checkpoint["world_size"] == len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    # 16 latents, global batch 8: 2 steps per epoch, so 4 steps are 2 whole epochs.
+    for epoch in (0, 1):
+        mine, theirs = ranks[0]["seen"][epoch], ranks[1]["seen"][epoch]
+        assert len(mine) == len(theirs) == NUM_LATENTS // 2
+        assert sorted(mine + theirs) == list(range(NUM_LATENTS))
+
+
+#################################################################################
+#                                  Bad input                                    #
+#################################################################################
+
+def expect_error(argv, message):
+    with pytest.raises(SystemExit) as raised:
+        train_mask_adan.main(argv)
+    text = str(raised.value)
+    assert text.startswith("error: ") and message in text and "\n" not in text, text
+
+
+def test_bad_input_fails_before_any_work(features, tmp_path):
+    results = tmp_path / "results"
+    base = ["--results-dir", str(results), "--num-workers", "0"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_error(["--feature-path", str(tmp_path / "missing"), *base], "is not a folder")
+    expect_error(["--feature-path", str(empty), *base], "is empty")
+    expect_error(["--feature-path", features, *base, "--model", "EDT-M/2"], "unknown model 'EDT-M/2'")
+    expect_error(["--feature-path", features, *base, "--image-size", "256"], "--image-size 256 does not match")
+    expect_error(["--feature-path", features, *base, "--num-classes", "1000"], "--num-classes 1000 does not match")
+    expect_error(["--feature-path", features, *base, "--model", "EDT", "--dims", "32", "32"],
+                 "--model EDT needs --dims with 5 integers")
+    tiny_patch4 = [*TINY_EDT[:TINY_EDT.index("--patch-size")], "--patch-size", "4"]
+    expect_error(["--feature-path", features, *base, *tiny_patch4], "cannot build EDT for these latents")
+    expect_error(["--feature-path", features, *base, "--model", "DiT-S/2"], "train DiT-S/2 with --no-mask")
+    expect_error(["--feature-path", features, *base, *TINY_EDT, "--global-batch-size", "6",
+                  "--mini-batch-size", "4"], "must be a multiple of")
+    expect_error(["--feature-path", features, *base, *TINY_EDT, "--global-batch-size", "4",
+                  "--resume", "latest"],
+                 "no checkpoint of EDT")
+    assert not results.exists()  # nothing was written
+
+
+def test_resume_refuses_features_that_do_not_fit_the_checkpoint(resume_runs, tmp_path):
+    straight, _ = resume_runs[("--global-batch-size", "4")]
+    files, experiment = checkpoint_files(straight)
+    pixels = write_features(tmp_path / "pixels", latent_shape=(3, 8, 8), image_size=8, vae="none")
+    expect_error(["--feature-path", pixels, "--results-dir", str(tmp_path), *TINY_EDT, "--global-batch-size", "4",
+                  "--resume", os.path.join(experiment, "checkpoints", files[-1])], "was trained as")

@@ -1,0 +1,97 @@
+"""Trains EDT with token-masked training and Adan on extracted latents.
+
+    accelerate launch --multi_gpu --num_processes 8 train_mask_adan.py --results-dir results \
+        --model EDT-S/2 --feature-path FEATURES --epochs 81
+    python train_mask_adan.py ...                       (one process)
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_mask_adan.py ...
+
+A custom size: --model EDT --dims 64 64 64 64 64 --num-heads 2 2 2 2 2 --depths 1 1 1 1 1
+--patch-size 1. --no-mask trains without masking (the released train_adan.py). Checkpoints go to
+RESULTS/NNN-MODEL/checkpoints/{step:07d}.pt; --resume latest continues the newest one bit-exactly.
+"""
+import argparse
+
+from diffusion.timestep_sampler import SCHEDULE_SAMPLERS
+from training.build import build_training
+from training.config import ConfigError, resolve_run_config
+from training.data import build_data
+from training.loop import train
+from training.schedule import default_init_lr
+from training.setup import setup_run
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--feature-path", required=True, help="folder written by extract_features.py")
+    data.add_argument("--results-dir", default="results")
+    data.add_argument("--image-size", type=int, default=None, help="checked against the features")
+    data.add_argument("--num-classes", type=int, default=None, help="checked against the features")
+    data.add_argument("--vae", choices=["ema", "mse", "none"], default=None,
+                      help="checked against the features (recorded in checkpoints)")
+    data.add_argument("--num-workers", type=int, default=4)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="EDT-S/2",
+                       help="a registered name (EDT-S/2, DiT-XL/2, ...) or EDT / DiT with size options")
+    model.add_argument("--dims", type=int, nargs="+", help="EDT: width of each of the 5 stages")
+    model.add_argument("--num-heads", type=int, nargs="+", help="EDT: 5 head counts; DiT: one")
+    model.add_argument("--depths", type=int, nargs="+", help="EDT: blocks in each of the 5 stages")
+    model.add_argument("--hidden-size", type=int, help="DiT width")
+    model.add_argument("--depth", type=int, help="DiT blocks")
+    model.add_argument("--patch-size", type=int, default=None, help="EDT / DiT (default 2)")
+    model.add_argument("--amm-blocks", nargs="+", default=None,
+                       help="AMM block indices, a preset (default, high_cfg) or none")
+    model.add_argument("--no-mask", action="store_true", help="plain training, no token masking")
+    model.add_argument("--schedule-sampler", choices=list(SCHEDULE_SAMPLERS), default="loss-second-moment")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=1400)
+    optim.add_argument("--max-steps", type=int, default=None, help="stop earlier, after this many steps")
+    optim.add_argument("--global-batch-size", type=int, default=256)
+    optim.add_argument("--mini-batch-size", type=int, default=None,
+                       help="per process and forward pass; smaller than global / processes "
+                            "accumulates gradients")
+    optim.add_argument("--init-lr", type=float, default=None, help="default 1e-3, 5e-4 for XL models")
+    optim.add_argument("--final-lr", type=float, default=5e-5)
+    optim.add_argument("--lr-decay-steps", type=int, default=400_000)
+    optim.add_argument("--ema-decay", type=float, default=0.9999)
+    optim.add_argument("--ema-warmup", action="store_true",
+                       help="decay min(ema_decay, (1 + step) / (10 + step)), for short runs")
+    optim.add_argument("--global-seed", type=int, default=0)
+    optim.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    optim.add_argument("--grad-checkpointing", action="store_true")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--log-every", type=int, default=100)
+    run.add_argument("--ckpt-every", type=int, default=50_000)
+    run.add_argument("--resume", default=None, help="a checkpoint file, or 'latest'")
+    args = parser.parse_args(argv)
+
+    for name in ("epochs", "global_batch_size", "log_every", "ckpt_every", "max_steps", "mini_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if args.init_lr is None:
+        args.init_lr = default_init_lr(args.model)
+    return args
+
+
+def main(argv=None):
+    """Trains; returns the final TrainState (for tests and notebooks)."""
+    args = parse_args(argv)
+    try:
+        config = resolve_run_config(args)
+        run = setup_run(args, config)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}")
+    state, diffusion = build_training(args, config, run)
+    data = build_data(args, run)
+    train(args, run, state, diffusion, data)
+    run.close()
+    return state
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""What a training run trains: the model config and data facts resolved from the command line
+and the features manifest, checked before any work is done."""
+import os
+from dataclasses import dataclass
+
+import torch
+
+import models
+from latents.shards import read_manifest
+
+VAE_DOWNSAMPLING = 8  # latent side = image side / 8 for the SD VAE
+NUM_EDT_STAGES = 5
+
+
+class ConfigError(ValueError):
+    """Bad input found before training starts; the script prints it as one error line."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model_config: dict  # models.model_config(name, **kwargs): rebuilds the model
+    vae: str  # "ema", "mse" or "none" (pixels)
+    image_size: int
+    num_images: int
+
+    @property
+    def model_name(self):
+        return self.model_config["name"]
+
+
+#################################################################################
+#                               Features manifest                               #
+#################################################################################
+
+def read_features_manifest(features_path):
+    if not os.path.isdir(features_path):
+        raise ConfigError(f"--feature-path {features_path} is not a folder")
+    if not os.listdir(features_path):
+        raise ConfigError(f"--feature-path {features_path} is empty: extract features first "
+                          f"(extract_features.py)")
+    try:
+        manifest = read_manifest(features_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    if manifest["count"] == 0:
+        raise ConfigError(f"{features_path} holds no images")
+    return manifest
+
+
+def check_against_manifest(args, manifest):
+    """--image-size, --num-classes and --vae are recorded choices: they must match the data."""
+    num_classes = len(manifest["class_to_idx"])
+    checks = (("--image-size", args.image_size, manifest["image_size"]),
+              ("--num-classes", args.num_classes, num_classes),
+              ("--vae", args.vae, manifest["vae"]))
+    for option, given, stored in checks:
+        if given is not None and given != stored:
+            raise ConfigError(f"{option} {given} does not match the features in {args.feature_path} "
+                              f"({stored}); extract features with these settings or drop the option")
+    channels, height, width = manifest["latent_shape"]
+    if height != width:
+        raise ConfigError(f"latents must be square, the manifest says {height}x{width}")
+    side = manifest["image_size"] // (1 if manifest["vae"] == "none" else VAE_DOWNSAMPLING)
+    if side != height:
+        raise ConfigError(f"the manifest's latent side {height} does not fit image size "
+                          f"{manifest['image_size']} with vae {manifest['vae']!r}")
+
+
+#################################################################################
+#                                 Model config                                  #
+#################################################################################
+
+def parse_amm_blocks(values):
+    """--amm-blocks: block indices, a preset name ("default", "high_cfg"), or "none"."""
+    if values is None:
+        return None
+    if len(values) == 1 and not values[0].isdigit():
+        return () if values[0] == "none" else values[0]
+    if not all(value.isdigit() for value in values):
+        raise ConfigError(f"--amm-blocks takes block indices or one preset name, got {values}")
+    return tuple(int(value) for value in values)
+
+
+def custom_model_kwargs(args):
+    """Size arguments of a custom EDT (--dims, --num-heads, --depths, five each) or DiT
+    (--hidden-size, --depth, one --num-heads)."""
+    if args.model == "EDT":
+        for option in ("dims", "num_heads", "depths"):
+            values = getattr(args, option)
+            if values is None or len(values) != NUM_EDT_STAGES:
+                raise ConfigError(f"--model EDT needs --{option.replace('_', '-')} with "
+                                  f"{NUM_EDT_STAGES} integers (one per stage)")
+        return dict(dims=tuple(args.dims), num_heads=tuple(args.num_heads), depths=tuple(args.depths))
+    if args.hidden_size is None or args.depth is None or args.num_heads is None or len(args.num_heads) != 1:
+        raise ConfigError("--model DiT needs --hidden-size, --depth and one --num-heads")
+    return dict(hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads[0])
+
+
+def resolve_model_config(args, manifest):
+    if args.model not in {**models.ALL_MODELS, **models.CUSTOM_MODELS}:
+        raise ConfigError(f"unknown model {args.model!r}; choose a registered name "
+                          f"({', '.join(models.ALL_MODELS)}) or EDT / DiT with size options")
+    channels, side, _ = manifest["latent_shape"]
+    kwargs = dict(input_size=side, in_channels=channels, num_classes=len(manifest["class_to_idx"]))
+    if args.model in models.CUSTOM_MODELS:
+        kwargs.update(custom_model_kwargs(args), patch_size=args.patch_size or 2)
+    elif args.patch_size is not None:
+        raise ConfigError(f"{args.model} has a fixed patch size; --patch-size is for --model EDT / DiT")
+    amm_blocks = parse_amm_blocks(args.amm_blocks)
+    if amm_blocks is not None:
+        if isinstance(amm_blocks, str) and args.model in models.CUSTOM_MODELS:
+            raise ConfigError(f"AMM presets belong to registered models; give --model {args.model} "
+                              f"block indices")
+        kwargs["amm_blocks"] = amm_blocks
+    config = models.model_config(args.model, **kwargs)
+    if not args.no_mask and not args.model.startswith("EDT"):
+        raise ConfigError(f"masked training needs an EDT model; train {args.model} with --no-mask")
+    check_model_builds(config)
+    return config
+
+
+def check_model_builds(config):
+    """Builds the model without memory (meta device) to catch shape errors up front."""
+    try:
+        with torch.device("meta"):
+            models.build_model(config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"cannot build {config['name']} for these latents "
+                          f"({config['kwargs']}): {error}") from None
+
+
+def resolve_run_config(args):
+    """Reads the manifest and checks every option against it; raises ConfigError."""
+    manifest = read_features_manifest(args.feature_path)
+    check_against_manifest(args, manifest)
+    model_config = resolve_model_config(args, manifest)
+    return RunConfig(model_config=model_config, vae=manifest["vae"],
+                     image_size=manifest["image_size"], num_images=manifest["count"])

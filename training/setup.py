@@ -1,0 +1,214 @@
+"""Run setup: accelerate, seeds, batch plan, experiment folder, resume point, logs."""
+import glob
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch.utils.tensorboard import SummaryWriter
+
+from runtime.checkpoint import CheckpointError, read_checkpoint
+from runtime.logging import create_logger
+
+from .config import ConfigError
+
+CHECKPOINT_NAME = re.compile(r"(\d+)\.pt")  # checkpoints/{step:07d}.pt
+EXPERIMENT_NAME = re.compile(r"(\d+)-(.+)")  # {index:03d}-{model name with / as -}
+
+
+@dataclass
+class Run:
+    accelerator: Accelerator
+    experiment_dir: str
+    logger: object
+    writer: Optional[SummaryWriter]  # TensorBoard, main process only
+    mini_batch_size: int
+    accumulation_steps: int
+    resume_checkpoint: Optional[dict]  # the checkpoint to resume from, already read
+
+    @property
+    def checkpoint_dir(self):
+        return os.path.join(self.experiment_dir, "checkpoints")
+
+    @property
+    def is_main(self):
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self):
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self):
+        return self.accelerator.num_processes
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def checkpoint_path(self, step):
+        return os.path.join(self.checkpoint_dir, f"{step:07d}.pt")
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.accelerator.end_training()
+
+
+#################################################################################
+#                              Processes and seeds                              #
+#################################################################################
+
+def create_accelerator(mixed_precision):
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU")
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    return accelerator
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rank_seed(global_seed, rank, world_size):
+    """Each process draws its own noise, timesteps and label drops (DiT's per-rank seeding)."""
+    return global_seed * world_size + rank
+
+
+def batch_plan(global_batch_size, mini_batch_size, world_size):
+    """(micro-batch size per process, micro-batches per optimizer step)."""
+    mini_batch_size = mini_batch_size or global_batch_size // world_size
+    per_micro_step = mini_batch_size * world_size
+    if mini_batch_size < 1 or global_batch_size % per_micro_step:
+        raise ConfigError(f"--global-batch-size {global_batch_size} must be a multiple of "
+                          f"{world_size} processes x --mini-batch-size {mini_batch_size}")
+    return mini_batch_size, global_batch_size // per_micro_step
+
+
+#################################################################################
+#                          Experiment folder and resume                         #
+#################################################################################
+
+def model_slug(model_name):
+    return model_name.replace("/", "-")
+
+
+def experiment_dirs(results_dir, model_name):
+    """This model's experiment folders in results_dir, newest (highest index) first."""
+    found = []
+    for path in glob.glob(os.path.join(results_dir, "*")):
+        match = EXPERIMENT_NAME.fullmatch(os.path.basename(path))
+        if match and match[2] == model_slug(model_name) and os.path.isdir(path):
+            found.append((int(match[1]), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(experiment_dir):
+    """The path of the highest-step checkpoint of an experiment, or None."""
+    checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
+    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    steps = {int(match[1]): match[0] for match in map(CHECKPOINT_NAME.fullmatch, names) if match}
+    return os.path.join(checkpoint_dir, steps[max(steps)]) if steps else None
+
+
+def find_resume_path(resume, results_dir, model_name):
+    """--resume latest: the highest step of the newest experiment of this model that has one;
+    otherwise a checkpoint file."""
+    if resume != "latest":
+        if not os.path.isfile(resume):
+            raise ConfigError(f"--resume {resume}: no such checkpoint file")
+        return resume
+    for experiment_dir in experiment_dirs(results_dir, model_name):
+        path = latest_checkpoint(experiment_dir)
+        if path is not None:
+            return path
+    raise ConfigError(f"--resume latest: no checkpoint of {model_name} in {results_dir}")
+
+
+def owning_experiment(checkpoint_path):
+    """The experiment folder a checkpoint sits in (EXP/checkpoints/NNNNNNN.pt), or None."""
+    checkpoint_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+    if os.path.basename(checkpoint_dir) != "checkpoints":
+        return None
+    return os.path.dirname(checkpoint_dir)
+
+
+def create_experiment_dir(results_dir, model_name):
+    os.makedirs(results_dir, exist_ok=True)
+    indices = [int(match[1]) for match in (EXPERIMENT_NAME.fullmatch(name)
+                                          for name in os.listdir(results_dir)) if match]
+    index = max(indices, default=-1) + 1
+    path = os.path.join(results_dir, f"{index:03d}-{model_slug(model_name)}")
+    os.makedirs(os.path.join(path, "checkpoints"))
+    return path
+
+
+def read_resume_checkpoint(path, model_config):
+    try:
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    saved = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
+    if saved is None or "step" not in checkpoint:
+        raise ConfigError(f"{path} is not a training checkpoint of this script (no model_config/step)")
+    if saved != model_config:
+        raise ConfigError(f"{path} was trained as {saved}, but these options and features give "
+                          f"{model_config}")
+    return checkpoint
+
+
+def experiment_dir_on_main(accelerator, results_dir, model_name, resume_path):
+    """The main process picks (or creates) the folder; every process gets its name."""
+    chosen = [None]
+    if accelerator.is_main_process:
+        chosen[0] = (resume_path and owning_experiment(resume_path)) or create_experiment_dir(
+            results_dir, model_name)
+    broadcast_object_list(chosen)
+    return chosen[0]
+
+
+#################################################################################
+#                                    Setup                                      #
+#################################################################################
+
+def setup_run(args, config):
+    """Everything the loop needs around the model: processes, seeds, folders, logs.
+
+    Raises ConfigError (before any folder is created) for inconsistent options."""
+    accelerator = create_accelerator(args.mixed_precision)
+    mini_batch_size, accumulation_steps = batch_plan(
+        args.global_batch_size, args.mini_batch_size, accelerator.num_processes)
+    if config.num_images < args.global_batch_size:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} exceeds the "
+                          f"{config.num_images} images in {args.feature_path}")
+    seed_everything(rank_seed(args.global_seed, accelerator.process_index, accelerator.num_processes))
+
+    resume_path = resume_checkpoint = None
+    if args.resume:
+        resume_path = find_resume_path(args.resume, args.results_dir, config.model_name)
+        resume_checkpoint = read_resume_checkpoint(resume_path, config.model_config)
+    experiment_dir = experiment_dir_on_main(accelerator, args.results_dir, config.model_name,
+                                            resume_path)
+    logger = create_logger(experiment_dir, accelerator.is_main_process)
+    writer = None
+    if accelerator.is_main_process:
+        # On resume, purge_step drops TensorBoard events written after the checkpoint.
+        purge_step = resume_checkpoint["step"] if resume_checkpoint else None
+        writer = SummaryWriter(os.path.join(experiment_dir, "tensorboard"), purge_step=purge_step)
+    if resume_path:
+        logger.info(f"resuming from {resume_path} (step {resume_checkpoint['step']})")
+    logger.info(f"experiment folder {experiment_dir}; {accelerator.num_processes} processes on "
+                f"{accelerator.device.type}, micro-batch {mini_batch_size} x {accumulation_steps} "
+                f"accumulation steps per process, global batch {args.global_batch_size}")
+    return Run(accelerator, experiment_dir, logger, writer, mini_batch_size, accumulation_steps,
+               resume_checkpoint)

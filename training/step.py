@@ -1,0 +1,50 @@
+"""One optimizer step of EDT's masked training, over accumulated micro-batches."""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepLosses:
+    """Importance-weighted mean losses of one step (detached, averaged over micro-batches)."""
+    total: torch.Tensor
+    full: torch.Tensor
+    masked: torch.Tensor
+
+
+def micro_batch_losses(model, diffusion, schedule_sampler, x, y, masked):
+    """(full-token loss, masked loss), each the importance-weighted batch mean (scalars).
+
+    Both passes share the timesteps and weights; each draws its own noise and label drops.
+    The sampler learns from the sum of both per-sample losses, as the reference does."""
+    t, weights = schedule_sampler.sample(x.shape[0], x.device)  # (B,), (B,)
+    full = diffusion.training_losses(model, x, t, model_kwargs=dict(y=y))["loss"]  # (B,)
+    if masked:
+        masked_loss = diffusion.training_losses(
+            model, x, t, model_kwargs=dict(y=y, enable_down_mask=True))["loss"]  # (B,)
+    else:
+        masked_loss = torch.zeros_like(full)
+    schedule_sampler.update_with_local_losses(t, (full + masked_loss).detach())
+    return (full * weights).mean(), (masked_loss * weights).mean()
+
+
+def optimization_step(accelerator, model, optimizer, diffusion, schedule_sampler, micro_batches,
+                      masked):
+    """Forward and backward every micro-batch, then one optimizer update.
+
+    Gradients are all-reduced only on the last micro-batch (DDP's no_sync before it); each
+    micro-batch's loss is divided by their number, so the update sees the mean gradient."""
+    accumulation_steps = len(micro_batches)
+    full_sum = masked_sum = 0.0
+    for index, (x, y) in enumerate(micro_batches):
+        last = index == accumulation_steps - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            full, masked_loss = micro_batch_losses(model, diffusion, schedule_sampler, x, y, masked)
+            accelerator.backward((full + masked_loss) / accumulation_steps)
+        full_sum = full_sum + full.detach()
+        masked_sum = masked_sum + masked_loss.detach()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    full_mean, masked_mean = full_sum / accumulation_steps, masked_sum / accumulation_steps
+    return StepLosses(full_mean + masked_mean, full_mean, masked_mean)
