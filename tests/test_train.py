@@ -46,6 +46,15 @@ def write_features(path, latent_shape=(4, 8, 8), image_size=64, vae="ema", count
     return str(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model runs several times faster on one thread, most of all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
     return write_features(tmp_path_factory.mktemp("features"))
@@ -145,6 +154,17 @@ def test_loss_falls_when_fitting_a_few_latents(tmp_path):
     assert losses[1] < 0.7 * losses[0], losses
 
 
+def test_fused_mask_batch_trains(features, tmp_path):
+    state = train(features, tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--fused-mask-batch")
+    assert state.step == 2
+    # Both halves of the fused batch fed the sampler: 2 steps x 4 samples.
+    assert state.schedule_sampler.state_dict()["loss_counts"].sum() == 8
+    log = open(os.path.join(checkpoint_files(tmp_path)[1], "log.txt")).read()
+    full, masked = (float(value) for value in
+                    log.split("(step=0000002) loss ")[1].split("(full ")[1].split(")")[0].split(", masked "))
+    assert full > 0 and masked > 0
+
+
 @pytest.fixture(scope="module")
 def resume_runs(features, tmp_path_factory):
     """For each batch plan: (checkpoint of 6 straight steps, of 3 + resume + 3, results dirs)."""
@@ -233,7 +253,8 @@ def test_two_processes_stay_in_sync_on_disjoint_data(features, tmp_path):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
                *TINY_EDT, "--global-batch-size", "8", "--mini-batch-size", "2", "--max-steps", "4"]
-    completed = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, cwd=tmp_path,
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, env=environment, cwd=tmp_path,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]

@@ -71,7 +71,8 @@ def train(args, run, state, diffusion, data):
             lr = learning_rate(state.step, args.init_lr, args.final_lr, args.lr_decay_steps)
             set_learning_rate(optimizer, lr)
             losses = optimization_step(run.accelerator, model, optimizer, diffusion,
-                                       state.schedule_sampler, micro_batches, masked=not args.no_mask)
+                                       state.schedule_sampler, micro_batches, masked=not args.no_mask,
+                                       fused=args.fused_mask_batch)
             decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
             update_ema(state.ema, state.model, decay)
             state.step += 1
