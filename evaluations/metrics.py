@@ -36,7 +36,7 @@ def feature_statistics(features):
 
 
 class RunningStatistics:
-    """Mean and covariance of features that arrive in batches, so no batch needs to be kept.
+    """Mean and covariance of features that arrive in batches, without keeping them all.
 
     Batches are gathered into chunks of `chunk_rows` rows, and chunks are merged with Chan et
     al.'s pairwise update of the mean and the centred scatter matrix, which stays accurate in
