@@ -2,6 +2,7 @@
 pixel-space model: the npz does not depend on the process count or the batch size, an
 interrupted run resumes to the same npz, guidance and AMM do what they say, bad input fails with
 one clear line, and the grid script compares AMM on and off from the same noise."""
+import argparse
 import os
 import socket
 import subprocess
@@ -188,9 +189,20 @@ def test_loading_follows_the_checkpoint_and_the_amm_flags(files, loaded):
     assert loaded.model.amm_blocks == AMM_BLOCKS
     for amm, expected in (("default", AMM_BLOCKS), ([], []), ([0, 4], [0, 4])):
         assert load_sampling_model(files["ckpt"], vae_path=files["vae"], amm=amm).model.amm_blocks == expected
-    assert build_released_model("DiT-S/2", (4, LATENT_SIZE, LATENT_SIZE), NUM_CLASSES, "default").amm_blocks == [8, 10]
     with pytest.raises(SamplingSetupError, match="no AMM preset"):
         build_released_model("DiT-S/4", (4, LATENT_SIZE, LATENT_SIZE), NUM_CLASSES, "default")
+
+
+def test_released_checkpoint_loads_by_model_name_with_the_amm_plug_in(files, tmp_path):
+    dit = create_model("DiT-S/2", input_size=LATENT_SIZE, num_classes=NUM_CLASSES)
+    weights = random_state_dict(dit)
+    path = str(tmp_path / "DiT-S-2.pt")
+    torch.save({"model": weights, "ema": weights, "opt": {}, "args": argparse.Namespace(model="DiT-S/2")}, path)
+    loaded = load_sampling_model(path, model_name="DiT-S/2", image_size=IMAGE_SIZE, num_classes=NUM_CLASSES,
+                                 vae_path=files["vae"], amm="default")
+    assert loaded.model.amm_blocks == [8, 10]  # the published DiT-S/2 arrangement
+    assert loaded.latent_shape == (4, LATENT_SIZE, LATENT_SIZE)
+    assert torch.equal(loaded.model.state_dict()["blocks.3.mlp.fc1.weight"], weights["blocks.3.mlp.fc1.weight"])
 
 
 def test_cfg_scale_one_takes_the_plain_forward(loaded, monkeypatch):
