@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -190,6 +191,21 @@ def test_image_batches_stream_in_order(tmp_path, save):
     np.testing.assert_array_equal(np.concatenate(batches), images)
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_image_batches_never_hold_the_whole_array(tmp_path, save):
+    images = np.random.default_rng(14).integers(0, 256, size=(400, 64, 64, 3), dtype=np.uint8)  # 4.9 MB
+    save(tmp_path / "batch.npz", images)
+    batch_file = ImageBatchFile(str(tmp_path / "batch.npz"))
+    tracemalloc.start()
+    try:
+        total = sum(int(batch.sum(dtype=np.int64)) for batch in batch_file.batches(16))  # 16 images: 197 KB
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == int(images.sum(dtype=np.int64))
+    assert peak < images.nbytes / 4
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"images": np.zeros((4, 8, 8, 3), np.uint8)}, "no array 'arr_0'"),
     ({"arr_0": np.zeros((4, 8, 8, 3), np.float32)}, "must hold uint8 RGB images"),
@@ -262,6 +278,17 @@ def test_inception_graph_features_match_the_graph_run_directly(standin_graph, di
             assert pool.shape == (len(images), 2048) and spatial.shape == (len(images), 17 * 17 * 7)
             np.testing.assert_allclose(pool, expected_pool, rtol=1e-6, atol=1e-6)
             np.testing.assert_allclose(spatial, expected_spatial, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("content, message", [(b"\xff" * 64, "not a TensorFlow GraphDef"),
+                                              (b"", "not ADM's Inception graph")])
+def test_evaluator_rejects_a_graph_that_is_not_inceptions(tmp_path, content, message):
+    (tmp_path / "graph.pb").write_bytes(content)
+    np.savez(tmp_path / "batch.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    batch = str(tmp_path / "batch.npz")
+    with pytest.raises(SystemExit, match=message):
+        evaluator.main([batch, batch, "--inception-graph", str(tmp_path / "graph.pb")])
+    assert not (tmp_path / "batch.metrics.json").exists()
 
 
 #################################################################################
