@@ -2,11 +2,12 @@
 
 An image's start noise, its DDPM step noise and (by default) its class are drawn from a generator
 seeded with (global seed, image index), on the CPU. A sample therefore depends on its index only,
-never on the batch it shares, the batch size or the process that draws it:
+never on the batch it shares, the batch size or the process that draws it (up to the last bits
+of float32 kernels, whose blocking can change with the batch size):
 
     sampler = Sampler("ddpm", num_steps=250)
-    sample = sampler.sample_fn(model_fn, latent_shape, device)   # chosen once
-    latents = sample(image_generators(seed, indices), labels)      # (B, C, H, W), per batch
+    sample = sampler.sample_fn(model_fn, latent_shape, device)            # chosen once
+    latents = sample(*batch_inputs(seed, indices, num_classes))           # (B, C, H, W), per batch
 """
 import contextlib
 
