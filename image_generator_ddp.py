@@ -55,6 +55,15 @@ def setup(args, context):
     return loaded, labels
 
 
+def sample_folder(args, loaded):
+    """The folder whose name records every setting that changes the samples."""
+    return os.path.join(args.output_dir, sample_name(
+        loaded.model_name, args.ckpt, loaded.image_size, loaded.vae_name, args.cfg_scale,
+        args.sampler, args.num_sampling_steps, amm_tag(loaded.model.amm_blocks), args.global_seed,
+        CFG_CHANNELS[args.cfg_channels], args.mixed_precision,
+        args.num_images if args.class_balanced else None))
+
+
 def main(argv=None):
     args = parse_args(argv)
     sampler = make_sampler(args)
@@ -62,12 +71,9 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     try:
         loaded, labels = setup(args, context)
-        cfg_channels = CFG_CHANNELS[args.cfg_channels]
-        folder = os.path.join(args.output_dir, sample_name(
-            loaded.model_name, args.ckpt, loaded.image_size, loaded.vae_name, args.cfg_scale,
-            args.sampler, args.num_sampling_steps, amm_tag(loaded.model.amm_blocks), args.global_seed,
-            cfg_channels, args.mixed_precision, args.num_images if args.class_balanced else None))
+        folder = sample_folder(args, loaded)
         logger = create_logger(folder, context.is_main)
+        logger.info(f"arguments: {vars(args)}")
 
         # Every process lists the missing PNGs before any is written, so all split them alike.
         missing = missing_indices(folder, args.num_images)
@@ -77,7 +83,8 @@ def main(argv=None):
                     f"{args.num_images - len(missing)} of {args.num_images} images already in "
                     f"{folder}, sampling {len(missing)} on {context.world_size} processes")
 
-        model_fn = guided_model_fn(loaded.model, args.cfg_scale, cfg_channels, args.mixed_precision)
+        model_fn = guided_model_fn(loaded.model, args.cfg_scale, CFG_CHANNELS[args.cfg_channels],
+                                   args.mixed_precision)
         sample = sampler.sample_fn(model_fn, loaded.latent_shape, context.device, loaded.dtype)
         for indices, images in sample_images(sample, loaded.vae, args.global_seed, mine,
                                              args.per_proc_batch_size, loaded.num_classes,
