@@ -165,6 +165,14 @@ def test_fused_mask_batch_trains(features, tmp_path):
     assert full > 0 and masked > 0
 
 
+def test_gradient_checkpointing_changes_nothing(features, tmp_path):
+    plain = train(features, tmp_path / "plain", "--global-batch-size", "4", "--max-steps", "2")
+    recomputed = train(features, tmp_path / "recomputed", "--global-batch-size", "4", "--max-steps", "2",
+                       "--grad-checkpointing")
+    assert_same_tree(plain.model.state_dict(), recomputed.model.state_dict(), "model")
+    assert_same_tree(plain.optimizer.state_dict(), recomputed.optimizer.state_dict(), "opt")
+
+
 @pytest.fixture(scope="module")
 def resume_runs(features, tmp_path_factory):
     """For each batch plan: (checkpoint of 6 straight steps, of 3 + resume + 3, results dirs)."""

@@ -57,12 +57,18 @@ def log_progress(run, state, meter, global_batch_size, lr, progress):
     meter.reset()
 
 
+def save(run, state):
+    path = run.checkpoint_path(state.step)
+    state.save(path, run.accelerator)
+    run.logger.info(f"saved {path}")
+
+
 def train(args, run, state, diffusion, data):
     """Trains until --epochs or --max-steps; saves every --ckpt-every steps and at the end."""
     model, optimizer = prepare_model(args, run, state)
     model.train()  # enables label dropout for classifier-free guidance
     last_step = total_steps(args, data.steps_per_epoch)
-    saved_step = state.step if state.step else None
+    saved_step = state.step if state.step else None  # a resumed run's checkpoint exists
     progress = tqdm(total=last_step, initial=state.step, unit="step", disable=not run.is_main)
     meter = LossMeter()
     run.logger.info(f"training from step {state.step} (epoch {state.epoch}) to step {last_step}")
@@ -75,22 +81,17 @@ def train(args, run, state, diffusion, data):
                                        fused=args.fused_mask_batch)
             decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
             update_ema(state.ema, state.model, decay)
-            state.step += 1
-            state.epoch_step += 1
-            if state.epoch_step == data.steps_per_epoch:
-                state.epoch, state.epoch_step = state.epoch + 1, 0
+            state.advance(data.steps_per_epoch)
             meter.add(losses)
             progress.update(1)
             if state.step % args.log_every == 0:
                 log_progress(run, state, meter, args.global_batch_size, lr, progress)
             if state.step % args.ckpt_every == 0:
-                state.save(run.checkpoint_path(state.step), run.accelerator)
+                save(run, state)
                 saved_step = state.step
-                run.logger.info(f"saved {run.checkpoint_path(state.step)}")
             if state.step >= last_step:
                 break
     progress.close()
     if saved_step != state.step:
-        state.save(run.checkpoint_path(state.step), run.accelerator)
-        run.logger.info(f"saved {run.checkpoint_path(state.step)}")
+        save(run, state)
     run.logger.info("done")

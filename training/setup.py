@@ -1,5 +1,4 @@
 """Run setup: accelerate, seeds, batch plan, experiment folder, resume point, logs."""
-import glob
 import os
 import random
 import re
@@ -103,14 +102,17 @@ def model_slug(model_name):
     return model_name.replace("/", "-")
 
 
+def numbered_experiments(results_dir):
+    """[(index, model slug, path)] of the experiment folders in results_dir."""
+    names = os.listdir(results_dir) if os.path.isdir(results_dir) else []
+    return [(int(match[1]), match[2], os.path.join(results_dir, match[0]))
+            for match in map(EXPERIMENT_NAME.fullmatch, names) if match]
+
+
 def experiment_dirs(results_dir, model_name):
     """This model's experiment folders in results_dir, newest (highest index) first."""
-    found = []
-    for path in glob.glob(os.path.join(results_dir, "*")):
-        match = EXPERIMENT_NAME.fullmatch(os.path.basename(path))
-        if match and match[2] == model_slug(model_name) and os.path.isdir(path):
-            found.append((int(match[1]), path))
-    return [path for _, path in sorted(found, reverse=True)]
+    return [path for _, slug, path in sorted(numbered_experiments(results_dir), reverse=True)
+            if slug == model_slug(model_name)]
 
 
 def latest_checkpoint(experiment_dir):
@@ -144,16 +146,13 @@ def owning_experiment(checkpoint_path):
 
 
 def create_experiment_dir(results_dir, model_name):
-    os.makedirs(results_dir, exist_ok=True)
-    indices = [int(match[1]) for match in (EXPERIMENT_NAME.fullmatch(name)
-                                          for name in os.listdir(results_dir)) if match]
-    index = max(indices, default=-1) + 1
+    index = max((index for index, _, _ in numbered_experiments(results_dir)), default=-1) + 1
     path = os.path.join(results_dir, f"{index:03d}-{model_slug(model_name)}")
     os.makedirs(os.path.join(path, "checkpoints"))
     return path
 
 
-def read_resume_checkpoint(path, model_config):
+def read_resume_checkpoint(path, model_config, global_batch_size):
     try:
         checkpoint = read_checkpoint(path)
     except CheckpointError as error:
@@ -164,6 +163,11 @@ def read_resume_checkpoint(path, model_config):
     if saved != model_config:
         raise ConfigError(f"{path} was trained as {saved}, but these options and features give "
                           f"{model_config}")
+    saved_batch_size = checkpoint["args"].global_batch_size
+    if saved_batch_size != global_batch_size:
+        # The saved position within the epoch counts batches of the saved size.
+        raise ConfigError(f"{path} was trained with --global-batch-size {saved_batch_size}; "
+                          f"resume with the same global batch size")
     return checkpoint
 
 
@@ -196,7 +200,8 @@ def setup_run(args, config):
     resume_path = resume_checkpoint = None
     if args.resume:
         resume_path = find_resume_path(args.resume, args.results_dir, config.model_name)
-        resume_checkpoint = read_resume_checkpoint(resume_path, config.model_config)
+        resume_checkpoint = read_resume_checkpoint(resume_path, config.model_config,
+                                                   args.global_batch_size)
     experiment_dir = experiment_dir_on_main(accelerator, args.results_dir, config.model_name,
                                             resume_path)
     logger = create_logger(experiment_dir, accelerator.is_main_process)

@@ -64,6 +64,13 @@ class TrainState:
     epoch: int = 0
     epoch_step: int = 0  # updates done within `epoch`
 
+    def advance(self, steps_per_epoch):
+        """Counts one optimizer update; an epoch ends after steps_per_epoch of them."""
+        self.step += 1
+        self.epoch_step += 1
+        if self.epoch_step == steps_per_epoch:
+            self.epoch, self.epoch_step = self.epoch + 1, 0
+
     def save(self, path, accelerator):
         """A collective (every process contributes its RNG state); the main process writes
         `path` atomically."""
