@@ -83,7 +83,6 @@ def main(argv=None):
     args = parse_args(argv)
     sampler = make_sampler(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_grad_enabled(False)
     loaded = load(args, device)
     logger = create_logger(args.output_dir, is_main=True)
 

@@ -12,7 +12,6 @@ the npz `samples_{N}x{H}x{W}x3.npz` (`arr_0` images, `arr_1` labels) is assemble
 import argparse
 import os
 
-import torch
 
 from runtime.checkpoint import CheckpointError
 from runtime.distributed import barrier, cleanup, init_distributed, split_range
@@ -68,7 +67,6 @@ def main(argv=None):
     args = parse_args(argv)
     sampler = make_sampler(args)
     context = init_distributed()
-    torch.set_grad_enabled(False)
     try:
         loaded, labels = setup(args, context)
         folder = sample_folder(args, loaded)

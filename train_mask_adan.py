@@ -30,6 +30,9 @@ def parse_args(argv=None):
     data.add_argument("--vae", choices=["ema", "mse", "none"], default=None,
                       help="checked against the features (recorded in checkpoints)")
     data.add_argument("--num-workers", type=int, default=4)
+    data.add_argument("--no-flip", action="store_true",
+                      help="never use the stored horizontal flips (for data where a mirror image "
+                           "is another class, such as digits)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="EDT-S/2",

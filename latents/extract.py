@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from latents.shards import write_shard
 from runtime import vae as vae_lib
+from runtime.seeding import item_generator
 from runtime.transforms import center_crop_arr
 
 # What PIL raises for unreadable, truncated or malformed image files.
@@ -103,17 +104,10 @@ def with_flips(images):
     return torch.stack([images, images.flip(-1)], dim=1).flatten(0, 1)
 
 
-def image_noise_seed(seed, index):
-    """A well-mixed 64-bit generator seed for one image, from (global seed, image index)."""
-    low, high = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return int(high) << 32 | int(low)
-
-
 def posterior_noise(seed, indices, latent_shape):
     """(2B, C, h, w): standard normal noise for each image and its flip, drawn on the CPU from a
     per-image generator so it is the same on every device and in every batch."""
-    noise = [torch.randn((2, *latent_shape), generator=torch.Generator().manual_seed(
-        image_noise_seed(seed, index))) for index in indices]
+    noise = [torch.randn((2, *latent_shape), generator=item_generator(seed, index)) for index in indices]
     return torch.cat(noise)
 
 

@@ -5,6 +5,9 @@ from .dit import DiT, DiT_models
 from .edt import EDT, EDT_models
 from .macs import count_macs, count_trainable_parameters
 
+__all__ = ["ALL_MODELS", "CUSTOM_MODELS", "DiT", "DiT_models", "EDT", "EDT_models", "build_model",
+           "count_macs", "count_trainable_parameters", "create_model", "load_checkpoint", "model_config"]
+
 ALL_MODELS = {**EDT_models, **DiT_models}
 # Bare class names build custom sizes from explicit arguments (dims, num_heads, depths, ...).
 CUSTOM_MODELS = {"EDT": EDT, "DiT": DiT}

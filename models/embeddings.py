@@ -45,7 +45,8 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t):
-        return self.mlp(self.frequency_features(t))  # (N, D)
+        features = self.frequency_features(t).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)  # (N, D)
 
 
 class LabelEmbedder(nn.Module):

@@ -52,7 +52,13 @@ def load_checkpoint(model, path, key="ema", model_name=None):
     """Loads a raw state dict or a training checkpoint's `key` weights ("ema" or "model") into
     `model` with strict key and shape checking; returns the whole checkpoint object."""
     checkpoint = read_checkpoint(path)
-    state_dict = extract_state_dict(checkpoint, key, path)
+    load_weights(model, checkpoint, key, path, model_name)
+    return checkpoint
+
+
+def load_weights(model, checkpoint, key="ema", source="checkpoint", model_name=None):
+    """load_checkpoint for a checkpoint already read with read_checkpoint."""
+    state_dict = extract_state_dict(checkpoint, key, source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -62,13 +68,12 @@ def load_checkpoint(model, path, key="ema", model_name=None):
     if missing or unexpected or mismatched:
         expected_name = model_name or type(model).__name__
         raise CheckpointError(
-            f"{path} does not fit {expected_name}: "
+            f"{source} does not fit {expected_name}: "
             f"{len(missing)} missing keys {summarise(missing)}, "
             f"{len(unexpected)} unexpected keys {summarise(unexpected)}, "
             f"{len(mismatched)} shape mismatches {summarise(mismatched)}"
         )
     model.load_state_dict(state_dict, strict=True)
-    return checkpoint
 
 
 def summarise(names, shown=5):

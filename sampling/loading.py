@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from models import ALL_MODELS, build_model, create_model, load_checkpoint
+from models import ALL_MODELS, build_model, create_model
 from runtime import vae as vae_lib
-from runtime.checkpoint import read_checkpoint
+from runtime.checkpoint import load_weights, read_checkpoint
 
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_NUM_CLASSES = 1000
@@ -73,7 +73,7 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
         model_name = model_name or default_model_name
         model = build_released_model(model_name, latent_shape, num_classes, amm)
     check_input_shape(model, model_name, latent_shape, image_size, vae_name)
-    load_checkpoint(model, ckpt, key=ckpt_key, model_name=model_name)
+    load_weights(model, checkpoint, key=ckpt_key, source=ckpt, model_name=model_name)
     model = model.to(device).eval()
     return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape)
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import create_diffusion
-from latents.extract import image_noise_seed
+from runtime.seeding import item_generator
 
 from .images import decode_to_uint8
 
@@ -29,7 +29,7 @@ PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def image_generators(seed, indices):
     """One CPU generator per image, seeded with (seed, index)."""
-    return [torch.Generator().manual_seed(image_noise_seed(seed, index)) for index in indices]
+    return [item_generator(seed, index) for index in indices]
 
 
 def draw_noise(generators, shape, device, dtype=torch.float32):

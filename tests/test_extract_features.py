@@ -16,7 +16,7 @@ from PIL import Image
 
 import extract_features
 from latents import LatentDataset
-from latents.extract import image_noise_seed
+from runtime.seeding import item_generator
 from latents.shards import MANIFEST_NAME, open_shard, read_manifest, shard_file
 from runtime.distributed import split_range
 from runtime.transforms import center_crop_arr
@@ -137,8 +137,7 @@ def test_latents_are_seeded_posterior_samples_of_image_and_flip(workspace, one_p
             pixels = torch.from_numpy(np.array(center_crop_arr(image, IMAGE_SIZE)))
         x = pixels.permute(2, 0, 1).float()[None] / 127.5 - 1  # (1, 3, S, S)
         posterior = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
-        noise = torch.randn((2, *LATENT_SHAPE),
-                            generator=torch.Generator().manual_seed(image_noise_seed(SEED, index)))
+        noise = torch.randn((2, *LATENT_SHAPE), generator=item_generator(SEED, index))
         expected = ((posterior.mean + posterior.std * noise) * LATENT_SCALE).detach().numpy()
         np.testing.assert_allclose(features[index].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
 

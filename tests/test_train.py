@@ -4,7 +4,6 @@ Covers the lr schedule, the data order, loss falling, bit-exact resume (with and
 gradient accumulation), checkpoint contents, two processes under accelerate, and bad input.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys

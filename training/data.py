@@ -76,7 +76,7 @@ class TrainData:
 
 
 def build_data(args, run):
-    dataset = LatentDataset(args.feature_path, seed=args.global_seed, random_flip=True)
+    dataset = LatentDataset(args.feature_path, seed=args.global_seed, random_flip=not args.no_flip)
     batches = EpochBatches(len(dataset), args.global_seed, args.global_batch_size,
                            run.mini_batch_size, run.rank, run.world_size)
     run.logger.info(f"{len(dataset)} latents of shape {dataset.latent_shape}, "
