@@ -1,0 +1,132 @@
+"""The speed benchmark's fast paths compute what the plain paths compute, and the script runs."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import speed
+from benchmarks.plain_dit import plain_dit_like
+from diffusion import create_diffusion, create_named_schedule_sampler
+from models import create_model
+from runtime.ema import create_ema, update_ema
+from training.step import fused_micro_batch_losses, micro_batch_losses
+
+TOLERANCE = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny_edt():
+    torch.manual_seed(0)
+    model = create_model("EDT", input_size=8, patch_size=1, dims=(16, 24, 32, 24, 16), num_heads=(2,) * 5,
+                         depths=(1,) * 5, num_classes=10, amm_blocks=(3,))
+    for param in model.parameters():  # leave the zero-initialised adaLN-Zero state: every path matters
+        param.data.normal_(0, 0.1)
+    model.y_embedder.dropout_prob = 0.0  # the label drops are the one draw the two steps make differently
+    return model.train()
+
+
+class NoiseFeeder:
+    """A diffusion whose training_losses take their noise from a list, in call order, so that
+    the two-pass and the fused step see the same noise (the fused step gets it concatenated)."""
+
+    def __init__(self, diffusion, noises):
+        self.diffusion, self.noises = diffusion, noises
+
+    def training_losses(self, model, x, t, model_kwargs):
+        noise = self.noises.pop(0)
+        return self.diffusion.training_losses(model, x, t, model_kwargs=model_kwargs, noise=noise)
+
+
+def step_losses_and_grads(model, step_fn, noises, *args, **kwargs):
+    diffusion = create_diffusion(timestep_respacing="")
+    sampler = create_named_schedule_sampler("uniform", diffusion)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same timesteps and the same token masks in both steps
+    full, masked = step_fn(model, NoiseFeeder(diffusion, noises), sampler, *args, **kwargs)
+    (full + masked).backward()
+    return full.detach(), masked.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_fused_masked_step_equals_two_pass_step_in_losses_and_gradients():
+    model = tiny_edt()
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 8, 8, generator=generator)
+    y = torch.randint(0, 10, (3,), generator=generator)
+    noise_full, noise_masked = torch.randn(2, *x.shape, generator=generator)
+
+    two_pass = step_losses_and_grads(model, micro_batch_losses, [noise_full, noise_masked], x, y, masked=True)
+    fused = step_losses_and_grads(model, fused_micro_batch_losses, [torch.cat([noise_full, noise_masked])], x, y)
+
+    torch.testing.assert_close(fused[0], two_pass[0], **TOLERANCE)
+    torch.testing.assert_close(fused[1], two_pass[1], **TOLERANCE)
+    assert not torch.allclose(two_pass[0], two_pass[1])  # the mask did change the second loss
+    for name, grad in two_pass[2].items():
+        torch.testing.assert_close(fused[2][name], grad, **TOLERANCE, msg=name)
+
+
+def test_foreach_ema_equals_per_parameter_loop():
+    model = tiny_edt()
+    ema_foreach, ema_loop = create_ema(model), create_ema(model)
+    for step in range(3):
+        for param in model.parameters():
+            param.data.add_(torch.randn_like(param), alpha=0.1)
+        update_ema(ema_foreach, model, 0.9)
+        speed.per_parameter_ema(ema_loop, model, 0.9)
+    for (name, a), b in zip(ema_foreach.state_dict().items(), ema_loop.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    assert not torch.allclose(ema_foreach.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_plain_dit_loads_our_dit_weights_and_computes_the_same():
+    torch.manual_seed(0)
+    ours = create_model("DiT-S/2", input_size=8, depth=2).eval()
+    for param in ours.parameters():
+        param.data.normal_(0, 0.05)
+    plain = plain_dit_like("DiT-S/2", input_size=8)
+    plain.blocks = plain.blocks[:2]
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    plain.eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 1000])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, t, y), ours(x, t, y), **TOLERANCE)
+        torch.testing.assert_close(plain.forward_with_cfg(x, t, y, 1.5), ours.forward_with_cfg(x, t, y, 1.5),
+                                   **TOLERANCE)
+
+
+TINY_RUN = ["--batch-size", "2", "--latent-size", "8", "--warmup", "0", "--repeats", "2",
+            "--sampling-steps", "2", "--threads", "1"]
+
+
+def test_script_compares_fast_paths_and_writes_json(tmp_path):
+    out = tmp_path / "speed.json"
+    speed.main(["--model", "EDT-S/2_noAMM", "--compare-fast-paths", *TINY_RUN, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["settings"]["batch_size"] == 2 and result["settings"]["load_average"] is not None
+    assert set(result["variants"]) == {"fast", "plain"}
+    for variant in result["variants"].values():
+        assert variant["parameters"] > 1e6 and variant["macs_per_sample"] > 1e6
+        assert set(variant["measurements"]) == set(speed.MEASUREMENTS)
+        for measurement in variant["measurements"].values():
+            assert measurement["repeats"] == len(measurement["seconds"])
+            assert measurement["min_s"] <= measurement["median_s"] <= measurement["max_s"]
+            assert measurement["rate"] > 0 and measurement["peak_memory_mb"] > 0
+    assert set(result["ratios"]) == set(speed.MEASUREMENTS)
+    assert result["variants"]["fast"]["fast_paths"] and not result["variants"]["plain"]["fast_paths"]
+
+
+def test_script_compares_two_models(capsys):
+    result = speed.main(["--model", "DiT-S/2", "--compare", "plain:DiT-S/2", *TINY_RUN,
+                         "--skip-training", "--skip-sampling"])
+    assert set(result["ratios"]) == {"inference", "inference_cfg"}
+    assert result["variants"]["plain:DiT-S/2"]["parameters"] == result["variants"]["DiT-S/2"]["parameters"]
+    assert "ratio DiT-S/2 / plain:DiT-S/2 inference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "EDT-Q/2"], "unknown model"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--compare", "DiT-S/2", "--compare-fast-paths"], "exclusive"),
+])
+def test_bad_arguments_fail_with_one_line(argv, message):
+    with pytest.raises(SystemExit) as error:
+        speed.parse_args(argv)
+    assert message in str(error.value)
