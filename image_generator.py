@@ -16,7 +16,7 @@ from runtime.checkpoint import CheckpointError
 from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
 from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
-from sampling.images import make_grid, save_png, side_by_side
+from sampling.images import enlarge, make_grid, save_png, side_by_side
 from sampling.loading import SamplingSetupError, load_sampling_model
 from sampling.naming import amm_tag, comparison_tag, sample_name
 from sampling.sampler import guided_model_fn, sample_images
@@ -37,8 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output-dir", default="grids")
+    parser.add_argument("--zoom", type=int, default=1, help="enlarge the saved grids this many times (small images)")
     args = parser.parse_args(argv)
-    for name in ("samples_per_class", "batch_size"):
+    for name in ("samples_per_class", "batch_size", "zoom"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if args.seed < 0:
@@ -95,11 +96,11 @@ def main(argv=None):
         loaded.model.set_amm_blocks(amm_blocks)
         grids.append(sample_grid(sample, loaded, args))
         path = grid_path(args, loaded, amm_tag(amm_blocks))
-        save_png(path, grids[-1])
+        save_png(path, enlarge(grids[-1], args.zoom))
         logger.info(f"saved {path} (classes {args.class_labels}, AMM blocks {amm_blocks})")
     if args.compare_amm:
         path = grid_path(args, loaded, comparison_tag(settings[0]))
-        save_png(path, side_by_side(*grids))
+        save_png(path, enlarge(side_by_side(*grids), args.zoom))
         logger.info(f"saved {path}: with AMM (left) and without (right), the same noise")
 
 

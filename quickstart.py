@@ -25,17 +25,20 @@ MARKER = ".edt-quickstart"  # marks a folder this script made, so a re-run may c
 DIGIT_SIZE = 8
 CFG_SCALES = (1.0, 2.0)
 GRID_SAMPLES_PER_CLASS = 10
+GRID_ZOOM = 6  # 8x8 digits are too small to look at
 AMM_BLOCKS = ("3", "4")  # the up-sampling stages' blocks, on 4x4 and 8x8 token grids
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="quickstart_output")
-    parser.add_argument("--train-steps", type=int, default=1200)
+    parser.add_argument("--train-steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adan learning rate, constant")
     parser.add_argument("--width", type=int, default=64, help="channels of every EDT stage")
     parser.add_argument("--blocks-per-stage", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-images", type=int, default=1000, help="samples per guidance scale")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--processes", type=int, default=2, help="for extraction and sampling")
     args = parser.parse_args(argv)
@@ -108,9 +111,9 @@ def train(args, features, results):
     run(python_command("train_mask_adan.py", "--feature-path", features, "--results-dir", results,
                        "--model", "EDT", "--dims", *widths, "--num-heads", *["2"] * 5,
                        "--depths", *[str(args.blocks_per_stage)] * 5, "--patch-size", "1",
-                       "--amm-blocks", *AMM_BLOCKS, "--no-flip",
+                       "--amm-blocks", *AMM_BLOCKS, "--no-flip", "--fused-mask-batch",
                        "--global-batch-size", str(args.batch_size), "--max-steps", str(args.train_steps),
-                       "--init-lr", "1e-3", "--final-lr", "1e-3", "--ema-decay", "0.999", "--ema-warmup",
+                       "--init-lr", str(args.lr), "--final-lr", str(args.lr), "--ema-decay", "0.999", "--ema-warmup",
                        "--num-workers", "0", "--log-every", "200", "--ckpt-every", str(args.train_steps)),
         f"3. masked training of a small EDT with Adan and EMA, {args.train_steps} steps")
     return only_match(os.path.join(results, "*", "checkpoints", f"{args.train_steps:07d}.pt"))
@@ -119,15 +122,17 @@ def train(args, features, results):
 def grid(args, checkpoint, grids):
     run(python_command("image_generator.py", "--ckpt", checkpoint, "--class-labels", *map(str, range(NUM_DIGIT_CLASSES)),
                        "--samples-per-class", str(GRID_SAMPLES_PER_CLASS), "--cfg-scale", str(CFG_SCALES[-1]),
-                       "--num-sampling-steps", str(args.sampling_steps), "--compare-amm", "--amm",
-                       "--batch-size", "100", "--output-dir", grids),
+                       "--sampler", args.sampler, "--num-sampling-steps", str(args.sampling_steps),
+                       "--compare-amm", "--amm",
+                       "--batch-size", "100", "--zoom", str(GRID_ZOOM), "--output-dir", grids),
         "4. a grid, one row per digit, with and without AMM from the same noise")
 
 
 def sample(args, checkpoint, samples, cfg_scale):
     run(distributed_command(args.processes, "image_generator_ddp.py", "--ckpt", checkpoint,
                             "--num-images", str(args.num_images), "--class-balanced",
-                            "--cfg-scale", str(cfg_scale), "--num-sampling-steps", str(args.sampling_steps),
+                            "--cfg-scale", str(cfg_scale), "--sampler", args.sampler,
+                            "--num-sampling-steps", str(args.sampling_steps),
                             "--per-proc-batch-size", "500", "--output-dir", samples),
         f"5. {args.num_images} class-balanced samples at cfg {cfg_scale} into an npz, two processes")
     return only_match(os.path.join(samples, f"*-cfg-{cfg_scale}-*", "samples_*.npz"))

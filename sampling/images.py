@@ -123,6 +123,12 @@ def side_by_side(left, right, gap=4 * GRID_PADDING):
     return np.concatenate([left, spacer, right], axis=1)
 
 
+def enlarge(image, factor):
+    """Nearest-neighbour enlargement of a uint8 (H, W, 3) image by an integer factor, so tiny
+    samples (8x8 digits) stay crisp in a viewer."""
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def save_png(path, image):
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")

@@ -292,6 +292,11 @@ def test_grid_script_compares_amm_from_the_same_noise(files, tmp_path, capsys):
     image_generator.main([*args, "--no-amm", "--output-dir", str(tmp_path / "plain")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / base.format("noamm"))), without_amm)
 
+    image_generator.main([*args, "--no-amm", "--zoom", "3", "--output-dir", str(tmp_path / "zoomed")])
+    zoomed = np.asarray(Image.open(tmp_path / "zoomed" / base.format("noamm")))
+    assert zoomed.shape == (3 * without_amm.shape[0], 3 * without_amm.shape[1], 3)
+    assert np.array_equal(zoomed[::3, ::3], without_amm) and np.array_equal(zoomed[2::3, 1::3], without_amm)
+
 
 #################################################################################
 #                                  Bad input                                    #
