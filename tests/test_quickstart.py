@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import quickstart
@@ -38,8 +39,6 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
 
 def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
-    try:
+    with pytest.raises(SystemExit, match="was not made by the quickstart"):
         quickstart.main(["--output-dir", str(tmp_path)])
-    except SystemExit as error:
-        assert "was not made by the quickstart" in str(error.code)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
