@@ -14,6 +14,7 @@ from latents.extract import (BadImageError, extract_shards, load_image_source,
                              make_feature_encoder)
 from latents.shards import (SettingsMismatchError, check_settings, finished_shards,
                             plan_shards, write_manifest)
+from runtime.cli import require_at_least
 from runtime.distributed import barrier, cleanup, init_distributed, split_range
 from runtime.logging import create_logger
 from runtime.vae import LATENT_SCALE, VAE_NAMES, VAENotFoundError, load_vae
@@ -41,11 +42,8 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --data-path {args.data_path} is not a folder")
     if args.image_size <= 0 or args.image_size % IMAGE_SIZE_MULTIPLE:
         raise SystemExit(f"error: --image-size must be a positive multiple of {IMAGE_SIZE_MULTIPLE}")
-    for name in ("shard_size", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    if args.num_workers < 0:
-        raise SystemExit("error: --num-workers must be at least 0")
+    require_at_least(args, 1, "shard_size", "batch_size")
+    require_at_least(args, 0, "num_workers")
     return args
 
 

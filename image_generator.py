@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from runtime.checkpoint import CheckpointError
+from runtime.cli import require_at_least
 from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
 from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
@@ -39,11 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="grids")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge the saved grids this many times (small images)")
     args = parser.parse_args(argv)
-    for name in ("samples_per_class", "batch_size", "zoom"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    if args.seed < 0:
-        raise SystemExit("error: --seed must be non-negative")
+    require_at_least(args, 1, "samples_per_class", "batch_size", "zoom")
+    require_at_least(args, 0, "seed")
     return args
 
 

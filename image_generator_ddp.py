@@ -14,6 +14,7 @@ import os
 
 
 from runtime.checkpoint import CheckpointError
+from runtime.cli import require_at_least
 from runtime.distributed import barrier, cleanup, init_distributed, split_range
 from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
@@ -35,11 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--class-balanced", action="store_true",
                         help="exactly num_images / num_classes images per class")
     args = parser.parse_args(argv)
-    for name in ("num_images", "per_proc_batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    if args.global_seed < 0:
-        raise SystemExit("error: --global-seed must be non-negative")
+    require_at_least(args, 1, "num_images", "per_proc_batch_size")
+    require_at_least(args, 0, "global_seed")
     return args
 
 

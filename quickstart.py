@@ -20,6 +20,7 @@ import sys
 import time
 
 from digits.dataset import NUM_DIGIT_CLASSES, digits_as_uint8, write_image_folder
+from runtime.cli import require_at_least
 
 MARKER = ".edt-quickstart"  # marks a folder this script made, so a re-run may clear it
 DIGIT_SIZE = 8
@@ -44,9 +45,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.num_images % NUM_DIGIT_CLASSES:
         raise SystemExit(f"error: --num-images must be a multiple of {NUM_DIGIT_CLASSES} (class-balanced)")
-    for name in ("train_steps", "width", "blocks_per_stage", "batch_size", "sampling_steps", "processes"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    require_at_least(args, 1, "train_steps", "width", "blocks_per_stage", "batch_size", "sampling_steps", "processes")
     return args
 
 

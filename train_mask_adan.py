@@ -12,6 +12,7 @@ RESULTS/NNN-MODEL/checkpoints/{step:07d}.pt; --resume latest continues the newes
 import argparse
 
 from diffusion.timestep_sampler import SCHEDULE_SAMPLERS
+from runtime.cli import require_at_least
 from training.build import build_training
 from training.config import ConfigError, resolve_run_config
 from training.data import build_data
@@ -75,10 +76,7 @@ def parse_args(argv=None):
     run.add_argument("--resume", default=None, help="a checkpoint file, or 'latest'")
     args = parser.parse_args(argv)
 
-    for name in ("epochs", "global_batch_size", "log_every", "ckpt_every", "max_steps", "mini_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    require_at_least(args, 1, "epochs", "global_batch_size", "log_every", "ckpt_every", "max_steps", "mini_batch_size")
     if args.fused_mask_batch and args.no_mask:
         raise SystemExit("error: --fused-mask-batch fuses the masked pass; it has no use with --no-mask")
     if args.init_lr is None:

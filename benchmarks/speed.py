@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from benchmarks.plain_dit import plain_dit_like  # noqa: E402
 from diffusion import create_diffusion, create_named_schedule_sampler  # noqa: E402
+from runtime.cli import require_at_least  # noqa: E402
 from runtime.ema import create_ema, update_ema  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
 from sampling.sampler import PRECISIONS, Sampler, guided_model_fn  # noqa: E402
@@ -87,11 +88,8 @@ def check_args(args):
             raise SystemExit(f"error: unknown model {name!r}")
     if args.compare and args.compare_fast_paths:
         raise SystemExit("error: --compare and --compare-fast-paths are exclusive")
-    for name in ("batch_size", "latent_size", "repeats", "sampling_steps", "sampling_repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        raise SystemExit("error: --warmup must be at least 0")
+    require_at_least(args, 1, "batch_size", "latent_size", "repeats", "sampling_steps", "sampling_repeats")
+    require_at_least(args, 0, "warmup")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
 

@@ -85,8 +85,20 @@ def zero_module_output(linear):
 
 
 class GuidedDiffusionModel(nn.Module):
-    """Adds classifier-free guidance and AMM control to a class-conditional diffusion transformer
-    whose `blocks` are AdaLNBlocks."""
+    """What EDT and DiT share as class-conditional diffusion transformers with `x_embedder`,
+    `t_embedder`, `y_embedder`, AdaLNBlock `blocks` and a `final_layer`: weight initialisation,
+    classifier-free guidance and AMM control."""
+
+    def initialize_weights(self):
+        init_linear_layers(self)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity (EDT's down and concat layers are not zeroed).
+        for block in self.blocks:
+            zero_module_output(block.adaLN_modulation[-1])
+        zero_module_output(self.final_layer.adaLN_modulation[-1])
+        zero_module_output(self.final_layer.linear)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
         """Runs the first half of the batch twice, with the labels as given (conditional first,

@@ -6,7 +6,7 @@ the reference plug-in does.
 """
 import torch.nn as nn
 
-from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, init_linear_layers, unpatchify, zero_module_output
+from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, unpatchify
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
 
 
@@ -44,16 +44,6 @@ class DiT(GuidedDiffusionModel):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
         self.set_amm_blocks(amm_blocks)
-
-    def initialize_weights(self):
-        init_linear_layers(self)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            zero_module_output(block.adaLN_modulation[-1])
-        zero_module_output(self.final_layer.adaLN_modulation[-1])
-        zero_module_output(self.final_layer.linear)
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) class labels."""

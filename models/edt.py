@@ -5,8 +5,8 @@ import itertools
 import torch
 import torch.nn as nn
 
-from .blocks import (LAYER_NORM_EPS, AdaLNBlock, FinalLayer, GuidedDiffusionModel, adaptive_modulation,
-                     init_linear_layers, modulate, unpatchify, zero_module_output)
+from .blocks import (LAYER_NORM_EPS, AdaLNBlock, FinalLayer, GuidedDiffusionModel, adaptive_modulation, modulate,
+                     unpatchify)
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
 
 NUM_STAGES = 5  # down, down, middle, up, up
@@ -147,17 +147,6 @@ class EDT(GuidedDiffusionModel):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
         self.set_amm_blocks(amm_blocks)
-
-    def initialize_weights(self):
-        init_linear_layers(self)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity. The down and concat layers are not zeroed.
-        for block in self.blocks:
-            zero_module_output(block.adaLN_modulation[-1])
-        zero_module_output(self.final_layer.adaLN_modulation[-1])
-        zero_module_output(self.final_layer.linear)
 
     def forward(self, x, t, y, enable_down_mask=False, mask_start=0):
         """
