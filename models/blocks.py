@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 from .attention import Attention
+from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
 
 LAYER_NORM_EPS = 1e-6
 
@@ -88,6 +89,19 @@ class GuidedDiffusionModel(nn.Module):
     """What EDT and DiT share as class-conditional diffusion transformers with `x_embedder`,
     `t_embedder`, `y_embedder`, AdaLNBlock `blocks` and a `final_layer`: weight initialisation,
     classifier-free guidance and AMM control."""
+
+    def build_embedders(self, input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob,
+                        learn_sigma):
+        """Patch, timestep and label embedders and the fixed position table; returns the token grid side."""
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch_size = patch_size
+        grid = input_size // patch_size
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.register_buffer("pos_embed", sincos_buffer(hidden_size, grid))
+        return grid
 
     def initialize_weights(self):
         init_linear_layers(self)

@@ -7,7 +7,6 @@ the reference plug-in does.
 import torch.nn as nn
 
 from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, unpatchify
-from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
 
 
 class DiT(GuidedDiffusionModel):
@@ -27,15 +26,8 @@ class DiT(GuidedDiffusionModel):
         fused_attention=True,
     ):
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.patch_size = patch_size
-        grid = input_size // patch_size
-
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.register_buffer("pos_embed", sincos_buffer(hidden_size, grid))
+        grid = self.build_embedders(input_size, patch_size, in_channels, hidden_size, num_classes,
+                                    class_dropout_prob, learn_sigma)
         self.blocks = nn.ModuleList([
             AdaLNBlock(hidden_size, num_heads, grid, hidden_size, mlp_ratio,
                        relative_bias=False, amm_in_training=True, fused=fused_attention)

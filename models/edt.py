@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .blocks import (LAYER_NORM_EPS, AdaLNBlock, FinalLayer, GuidedDiffusionModel, adaptive_modulation, modulate,
                      unpatchify)
-from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
+from .embeddings import sincos_buffer
 
 NUM_STAGES = 5  # down, down, middle, up, up
 NUM_DOWN_STAGES = NUM_STAGES // 2
@@ -116,19 +116,12 @@ class EDT(GuidedDiffusionModel):
         super().__init__()
         check_stage_config(input_size, patch_size, dims, num_heads, depths)
         hidden_size = dims[0]
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.patch_size = patch_size
+        grid = self.build_embedders(input_size, patch_size, in_channels, hidden_size, num_classes,
+                                    class_dropout_prob, learn_sigma)
         self.depths = tuple(depths)
         block_ends = list(itertools.accumulate(depths))
         self.stage_ranges = list(zip([0] + block_ends[:-1], block_ends))  # flat block indices per stage
         self.stage0_mask_block = stage0_mask_block
-        grid = input_size // patch_size
-
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.register_buffer("pos_embed", sincos_buffer(hidden_size, grid))
 
         self.blocks = nn.ModuleList()
         self.down_blocks = nn.ModuleList()
