@@ -2,6 +2,8 @@
 import os
 import sys
 
+import pytest
+import torch
 # Triton (loaded by torch._dynamo, e.g. through torchvision) segfaults when it is imported after
 # TensorFlow, and the evaluator tests import TensorFlow into this same process: load it first.
 import torch._dynamo  # noqa: F401
@@ -9,3 +11,12 @@ import torch._dynamo  # noqa: F401
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Runs a test module on one intra-op thread (its module fixtures too) and restores the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

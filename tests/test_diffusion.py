@@ -27,13 +27,8 @@ GAUSSIAN_MEAN, GAUSSIAN_STD = 0.5, 0.5
 NUM_DRAWS = 20000
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are small: on shared cores, intra-op threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: on shared cores, intra-op threads only wait for each other.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def linear_alphas_cumprod(num_steps=T):

@@ -75,15 +75,10 @@ def load_all(features_path):
             np.concatenate([labels for _, labels in shards]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torchrun starts its workers with OMP_NUM_THREADS=1. CPU convolutions round differently
-    with other thread counts, which can move a stored float16 value by one step; with equal
-    thread counts the output must not depend on the number of processes at all."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# torchrun starts its workers with OMP_NUM_THREADS=1, and CPU convolutions round differently with other
+# thread counts (a stored float16 value can move by one step); with equal thread counts the output must
+# not depend on the number of processes at all.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
