@@ -26,6 +26,12 @@ class DistributedContext:
         return self.rank == 0
 
 
+def enable_tf32():
+    """TF32 matmuls and convolutions on CUDA (float32 weights, faster tensor-core math)."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
 def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -45,8 +51,7 @@ def init_distributed():
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        enable_tf32()
     else:
         device = torch.device("cpu")
 

@@ -12,6 +12,7 @@ from accelerate.utils import broadcast_object_list
 from torch.utils.tensorboard import SummaryWriter
 
 from runtime.checkpoint import CheckpointError, read_checkpoint
+from runtime.distributed import enable_tf32
 from runtime.logging import create_logger
 
 from .config import ConfigError
@@ -68,8 +69,7 @@ def create_accelerator(mixed_precision):
         raise ConfigError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU")
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        enable_tf32()
     return accelerator
 
 
