@@ -8,9 +8,14 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
-from models.blocks import LAYER_NORM_EPS, FinalLayer, modulate, unpatchify
+from models.blocks import LAYER_NORM_EPS, FinalLayer, unpatchify
 from models.dit import DiT_models
 from models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_buffer
+
+
+def modulate(x, shift, scale):
+    """The original DiT's two-pass modulation (ours is one fused multiply-add)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 class PlainDiTBlock(nn.Module):

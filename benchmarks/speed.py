@@ -58,9 +58,6 @@ def parse_args(argv=None):
     parser.add_argument("--compare-fast-paths", action="store_true",
                         help="measure --model with the fast paths on and off, interleaved")
     parser.add_argument("--fast-paths", choices=("on", "off"), default="on")
-    parser.add_argument("--fast-attention", choices=("auto", "sdpa", "explicit"), default="auto",
-                        help="attention of the fast path; auto: SDPA on CUDA and in blocks without a "
-                             "relative position bias, explicit otherwise")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--latent-size", type=int, default=32, help="latent side (32 for 256px images)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,9 +110,8 @@ class Variant:
     def __init__(self, label, name, model, fast, args, device):
         self.label, self.name, self.fast = label, name, fast
         self.masked = isinstance(model, models.EDT)
-        if hasattr(model, "set_fused_attention"):
-            for block in model.blocks:
-                block.attn.fused = fast and sdpa_attention(block.attn, args, device)
+        if hasattr(model, "set_fast_paths"):
+            model.set_fast_paths(fast)
         self.model = model.to(device)
         self.ema = create_ema(self.model)
         if args.compile:  # on the instance, so that forward_with_cfg runs the compiled forward too
@@ -126,20 +122,12 @@ class Variant:
 
     def describe(self):
         return {"model": self.name, "fast_paths": self.fast,
-                "sdpa_blocks": sum(uses_sdpa(block.attn) for block in self.model.blocks),
+                "fused_attention_blocks": sum(uses_fused_attention(block.attn) for block in self.model.blocks),
                 "parameters": models.count_trainable_parameters(self.model),
                 "macs_per_sample": count_macs_or_none(self.model)}
 
 
-def sdpa_attention(attention, args, device):
-    """Whether a fast-path block uses SDPA. On CPU, SDPA with a float mask (EDT's relative
-    position bias) measured slower than the explicit path; without a mask (DiT) it is faster."""
-    if args.fast_attention == "auto":
-        return device.type == "cuda" or attention.rel_pos_bias is None
-    return args.fast_attention == "sdpa"
-
-
-def uses_sdpa(attention):
+def uses_fused_attention(attention):
     """Ours says `fused`, timm's says `fused_attn`."""
     return bool(getattr(attention, "fused", getattr(attention, "fused_attn", False)))
 

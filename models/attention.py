@@ -57,7 +57,8 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("index", relative_position_index(grid_size), persistent=False)
 
     def forward(self):
-        return self.relative_position_bias_table[self.index].permute(2, 0, 1)  # (heads, T, T)
+        # Gathered from the transposed table, the bias comes out contiguous, as SDPA's fused CPU kernel wants its mask.
+        return self.relative_position_bias_table.T[:, self.index].unsqueeze(0)  # (1, heads, T, T)
 
 
 #################################################################################
@@ -69,17 +70,18 @@ class Attention(nn.Module):
 
     AMM blocks multiply the softmax probabilities elementwise by the AMM (no renormalisation), so
     they need explicit probabilities; every other block goes through
-    `scaled_dot_product_attention` with the relative position bias as its float mask, unless
-    `fused` is False (the explicit path, kept for comparison).
+    `scaled_dot_product_attention` with the relative position bias as its float mask (see
+    `uses_sdpa`). `fast=False` is the plain path, kept for comparison: explicit attention
+    everywhere, a new tensor for every intermediate.
     """
 
-    def __init__(self, dim, num_heads, grid_size, relative_bias=True, amm_in_training=False, fused=True):
+    def __init__(self, dim, num_heads, grid_size, relative_bias=True, amm_in_training=False, fast=True):
         super().__init__()
         self.num_heads = num_heads
         self.grid_size = grid_size
         self.scale = (dim // num_heads) ** -0.5
         self.amm_in_training = amm_in_training
-        self.fused = fused
+        self.fast = fast
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_bias = RelativePositionBias(grid_size, num_heads) if relative_bias else None
@@ -96,19 +98,32 @@ class Attention(nn.Module):
     def amm_active(self):
         return self.amm is not None and (self.amm_in_training or not self.training)
 
+    def uses_sdpa(self, bias):
+        """SDPA outside AMM blocks, except for a CPU mask that needs its gradient (training
+        EDT's bias): the fused CPU kernel has no mask gradient, and SDPA's math fallback is
+        slower there than the explicit path."""
+        if not self.fast or self.amm_active():
+            return False
+        return bias is None or not bias.requires_grad or bias.device.type != "cpu"
+
     def forward(self, x):
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, C / heads)
-        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (heads, T, T)
-        if self.fused and not self.amm_active():
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (1, heads, T, T)
+        if self.uses_sdpa(bias):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype) if bias is not None else None)
         else:
-            scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
-            if bias is not None:
-                scores = scores + bias
-            probs = scores.softmax(dim=-1)
-            if self.amm_active():
-                probs = probs * self.amm
-            x = probs @ v  # (B, heads, T, C / heads)
+            x = self.explicit_attention(q, k, v, bias, in_place=self.fast and not torch.is_grad_enabled())
         return self.proj(x.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def explicit_attention(self, q, k, v, bias, in_place):
+        """softmax(q k^T scale + bias) (times the AMM) v. in_place (no autograd) keeps one
+        (B, heads, T, T) buffer: at inference, allocating three costs more than the arithmetic."""
+        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
+        if bias is not None:
+            scores = scores.add_(bias) if in_place else scores + bias
+        probs = torch.softmax(scores, dim=-1, out=scores) if in_place else scores.softmax(dim=-1)
+        if self.amm_active():
+            probs = probs.mul_(self.amm) if in_place else probs * self.amm
+        return probs @ v  # (B, heads, T, C / heads)

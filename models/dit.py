@@ -23,14 +23,14 @@ class DiT(GuidedDiffusionModel):
         num_classes=1000,
         learn_sigma=True,
         amm_blocks=(),
-        fused_attention=True,
+        fast_paths=True,
     ):
         super().__init__()
         grid = self.build_embedders(input_size, patch_size, in_channels, hidden_size, num_classes,
                                     class_dropout_prob, learn_sigma)
         self.blocks = nn.ModuleList([
             AdaLNBlock(hidden_size, num_heads, grid, hidden_size, mlp_ratio,
-                       relative_bias=False, amm_in_training=True, fused=fused_attention)
+                       relative_bias=False, amm_in_training=True, fast=fast_paths)
             for _ in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)

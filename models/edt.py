@@ -111,7 +111,7 @@ class EDT(GuidedDiffusionModel):
         learn_sigma=True,
         amm_blocks=(),
         stage0_mask_block=None,
-        fused_attention=True,
+        fast_paths=True,
     ):
         super().__init__()
         check_stage_config(input_size, patch_size, dims, num_heads, depths)
@@ -133,7 +133,7 @@ class EDT(GuidedDiffusionModel):
                 grid *= 2
                 self.concat_blocks.append(ConcatLayer(dim, grid, hidden_size))
             for _ in range(depth):
-                self.blocks.append(AdaLNBlock(dim, heads, grid, hidden_size, mlp_ratio, fused=fused_attention))
+                self.blocks.append(AdaLNBlock(dim, heads, grid, hidden_size, mlp_ratio, fast=fast_paths))
             if stage < NUM_DOWN_STAGES:
                 self.down_blocks.append(DownSample(dim, dims[stage + 1], grid, hidden_size))
                 grid //= 2

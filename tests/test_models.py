@@ -88,8 +88,8 @@ def test_macs_equal_reference_counter(name):
 
 @pytest.mark.parametrize("build", [tiny_edt, tiny_dit], ids=["edt", "dit"])
 def test_macs_agree_with_torch_flop_counter(build):
-    # Explicit attention: FlopCounterMode does not count the CPU flash kernel that unmasked SDPA takes.
-    model = build(fused_attention=False, amm_blocks=[1]).eval()
+    # The plain path: FlopCounterMode counts neither the CPU flash kernel nor the oneDNN fused MLP.
+    model = build(fast_paths=False, amm_blocks=[1]).eval()
     x, t, y = model_inputs(batch=1)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t, y)
@@ -224,24 +224,63 @@ def test_relative_position_index_matches_beit_layout():
 
 
 #################################################################################
-#                          SDPA and explicit paths                              #
+#                           Fast and plain paths                                #
 #################################################################################
 
+def fast_and_plain_results(model, run):
+    results = []
+    for fast in (True, False):
+        model.zero_grad()
+        model.set_fast_paths(fast)
+        results.append(run(model))
+    return results
+
+
 @pytest.mark.parametrize("build", [tiny_edt, tiny_dit], ids=["edt", "dit"])
-def test_sdpa_and_explicit_attention_agree(build):
+def test_fast_and_plain_paths_agree_in_training(build):
     model = randomize(build(class_dropout_prob=0.0, amm_blocks=[1]))
     x, t, y = model_inputs()
-    results = []
-    for fused in (True, False):
-        model.zero_grad()
-        model.set_fused_attention(fused)
+
+    def outputs_and_gradients(model):
         out = model(x, t, y)
         out.square().mean().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    (out_sdpa, grads_sdpa), (out_explicit, grads_explicit) = results
-    torch.testing.assert_close(out_sdpa, out_explicit, rtol=1e-5, atol=1e-5)
-    for grad_sdpa, grad_explicit in zip(grads_sdpa, grads_explicit):
-        torch.testing.assert_close(grad_sdpa, grad_explicit, rtol=1e-5, atol=1e-5)
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (out_fast, grads_fast), (out_plain, grads_plain) = fast_and_plain_results(model, outputs_and_gradients)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    for grad_fast, grad_plain in zip(grads_fast, grads_plain):
+        torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [tiny_edt, tiny_dit], ids=["edt", "dit"])
+def test_fast_and_plain_paths_agree_at_inference(build):
+    model = randomize(build(amm_blocks=[1])).eval()
+    x, t, y = model_inputs()
+    with torch.no_grad():
+        out_fast, out_plain = fast_and_plain_results(model, lambda model: model(x, t, y))
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+
+
+def kernels_called(model, *inputs):
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        model(*inputs)
+    return {event.name for event in profiler.events()}
+
+
+def test_cpu_inference_takes_the_fused_kernels_and_training_the_explicit_bias_path():
+    model = randomize(tiny_edt(amm_blocks=[1])).eval()
+    inputs = model_inputs()
+    fast = kernels_called(model, *inputs)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in fast  # the 4-D bias mask is accepted
+    assert "mkldnn::_linear_pointwise" in fast
+    assert "aten::gelu" not in fast
+    model.set_fast_paths(False)
+    plain = kernels_called(model, *inputs)
+    assert "aten::scaled_dot_product_attention" not in plain and "mkldnn::_linear_pointwise" not in plain
+    model.set_fast_paths(True)
+    bias = model.blocks[0].attn.rel_pos_bias()
+    assert bias.requires_grad and not model.blocks[0].attn.uses_sdpa(bias)
+    assert model.blocks[0].attn.uses_sdpa(bias.detach())
 
 
 #################################################################################
