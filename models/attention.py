@@ -50,15 +50,29 @@ def relative_position_index(grid_size):
 
 
 class RelativePositionBias(nn.Module):
+    """The (1, heads, T, T) bias gathered from a learned ((2n - 1)^2, heads) table. Without
+    autograd (sampling) the gathered bias is kept and gathered again only when the table
+    changes (its version counter, storage, device or dtype)."""
+
     def __init__(self, grid_size, num_heads):
         super().__init__()
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("index", relative_position_index(grid_size), persistent=False)
+        self.kept_bias, self.kept_for = None, None
 
-    def forward(self):
+    def gather(self):
         # Gathered from the transposed table, the bias comes out contiguous, as SDPA's fused CPU kernel wants its mask.
         return self.relative_position_bias_table.T[:, self.index].unsqueeze(0)  # (1, heads, T, T)
+
+    def forward(self):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.gather()
+        table = self.relative_position_bias_table
+        state = (table._version, table.data_ptr(), table.device, table.dtype, torch.is_inference_mode_enabled())
+        if self.kept_for != state:
+            self.kept_bias, self.kept_for = self.gather(), state
+        return self.kept_bias
 
 
 #################################################################################

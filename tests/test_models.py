@@ -283,6 +283,26 @@ def test_cpu_inference_takes_the_fused_kernels_and_training_the_explicit_bias_pa
     assert model.blocks[0].attn.uses_sdpa(bias.detach())
 
 
+def test_kept_inference_bias_follows_every_change_of_the_table():
+    model = randomize(tiny_edt()).eval()
+    bias = model.blocks[0].attn.rel_pos_bias
+    x, t, y = model_inputs()
+    with torch.no_grad():
+        before = model(x, t, y)
+        assert bias() is bias()  # gathered once
+        state = {key: value.clone() for key, value in model.state_dict().items()}
+        bias.relative_position_bias_table.add_(0.5)
+        assert torch.equal(bias(), bias.gather())
+        changed = model(x, t, y)
+        model.load_state_dict(state)
+        assert torch.equal(bias(), bias.gather())
+        torch.testing.assert_close(model(x, t, y), before, rtol=0, atol=0)
+        model.double()
+        assert bias().dtype == torch.float64
+    assert not torch.allclose(changed, before)
+    assert bias().requires_grad  # with autograd, gathered afresh
+
+
 #################################################################################
 #                             Masked training                                   #
 #################################################################################
