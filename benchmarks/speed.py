@@ -9,9 +9,12 @@ Every measurement is warmed up, then repeated; the variants of one run are measu
 (A, B, A, B, ...) so that a change in machine load hits them alike. Reported per measurement:
 median seconds, spread (min, max) and the rate (iterations, steps or images per second).
 
-Fast paths ("on"): SDPA attention in non-AMM blocks, the full and masked passes of a masked
-training step as one forward of 2B samples, and the foreach EMA. "off" is the plain path: the
-explicit attention, two passes, and an EMA updated one parameter at a time.
+Fast paths ("on", `model.set_fast_paths(True)`): SDPA attention outside AMM blocks (with EDT's
+bias as a 4-D mask, so CPU inference takes the fused kernel), the explicit AMM attention in
+place at inference, Linear+GELU fused by oneDNN in CPU inference, the full and masked passes of
+a masked training step as one forward of 2B samples, and the foreach EMA. "off" is the plain
+path: explicit attention with a new tensor per intermediate, ATen's GELU, two passes, and an EMA
+updated one parameter at a time.
 """
 import argparse
 import contextlib
@@ -69,6 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--sampling-steps", type=int, default=250, help="DDPM steps of the sampling measurement")
     parser.add_argument("--sampling-repeats", type=int, default=1)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--skip-sampling", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -229,8 +233,9 @@ def operations(variant, args, device):
         if variant.masked:
             ops["train_masked"] = (training_step_fn(variant, True, x, y, args, device), 1, "it/s")
         ops["train_plain"] = (training_step_fn(variant, False, x, y, args, device), 1, "it/s")
-    ops["inference"] = (inference_fn(variant, x, y, t, False, args, device), 1, "steps/s")
-    ops["inference_cfg"] = (inference_fn(variant, x, y, t, True, args, device), 1, "steps/s")
+    if not args.skip_inference:
+        ops["inference"] = (inference_fn(variant, x, y, t, False, args, device), 1, "steps/s")
+        ops["inference_cfg"] = (inference_fn(variant, x, y, t, True, args, device), 1, "steps/s")
     if not args.skip_sampling:
         ops["sampling"] = (sampling_fn(variant, args.batch_size, args, device), args.batch_size, "images/s")
     return ops
