@@ -55,7 +55,9 @@ class Mlp(nn.Module):
         self.fast = fast
 
     def fuses_gelu(self, x):
+        """Not under torch.compile, which fuses the GELU itself (and cannot lower this op on parameters)."""
         return (self.fast and ONEDNN_LINEAR_POINTWISE is not None and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
                 and x.device.type == "cpu" and x.dtype == self.fc1.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu"))
 

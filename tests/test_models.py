@@ -283,6 +283,16 @@ def test_cpu_inference_takes_the_fused_kernels_and_training_the_explicit_bias_pa
     assert model.blocks[0].attn.uses_sdpa(bias.detach())
 
 
+def test_compiled_inference_equals_eager():
+    # torch.compile must see neither the kept bias nor the oneDNN MLP (Inductor cannot lower it on parameters).
+    model = randomize(tiny_edt(amm_blocks=[1])).eval()
+    x, t, y = model_inputs()
+    with torch.no_grad():
+        eager = model(x, t, y)
+        compiled = torch.compile(model)(x, t, y)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_kept_inference_bias_follows_every_change_of_the_table():
     model = randomize(tiny_edt()).eval()
     bias = model.blocks[0].attn.rel_pos_bias
