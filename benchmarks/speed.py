@@ -38,7 +38,7 @@ from diffusion import create_diffusion, create_named_schedule_sampler  # noqa: E
 from runtime.cli import require_at_least  # noqa: E402
 from runtime.ema import create_ema, update_ema  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
-from sampling.sampler import PRECISIONS, Sampler, guided_model_fn  # noqa: E402
+from sampling.sampler import PRECISIONS, Sampler, compile_forward, guided_model_fn  # noqa: E402
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
 from training.step import fused_micro_batch_losses, micro_batch_losses  # noqa: E402
 
@@ -118,8 +118,8 @@ class Variant:
             model.set_fast_paths(fast)
         self.model = model.to(device)
         self.ema = create_ema(self.model)
-        if args.compile:  # on the instance, so that forward_with_cfg runs the compiled forward too
-            self.model.forward = torch.compile(self.model.forward)
+        if args.compile:
+            compile_forward(self.model)
         self.optimizer = Adan(self.model.parameters(), lr=LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS,
                               weight_decay=0.0)
         self.update_ema = update_ema if fast else per_parameter_ema

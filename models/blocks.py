@@ -34,6 +34,8 @@ def unpatchify(x, patch_size, channels):
 
 def onednn_linear_pointwise():
     """oneDNN's Linear with a fused activation (what Inductor uses on CPU), if this build has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
     try:
         return torch.ops.mkldnn._linear_pointwise
     except (AttributeError, RuntimeError):

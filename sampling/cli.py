@@ -38,6 +38,7 @@ def add_sampling_arguments(parser, cfg_scale):
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default="no",
                         help="autocast the model in fp16 or bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
 
 
 def make_sampler(args):
@@ -56,4 +57,4 @@ def loader_kwargs(args):
     """load_sampling_model's arguments from the parsed options."""
     return dict(ckpt=args.ckpt, model_name=args.model, image_size=args.image_size,
                 num_classes=args.num_classes, vae_name=args.vae, vae_path=args.vae_path,
-                ckpt_key=args.ckpt_key, amm=args.amm)
+                ckpt_key=args.ckpt_key, amm=args.amm, compile_model=args.compile)

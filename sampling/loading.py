@@ -14,6 +14,8 @@ from models import ALL_MODELS, build_model, create_model
 from runtime import vae as vae_lib
 from runtime.checkpoint import load_weights, read_checkpoint
 
+from .sampler import compile_forward
+
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_NUM_CLASSES = 1000
 DEFAULT_VAE = "ema"
@@ -48,13 +50,14 @@ class SamplingModel:
 #################################################################################
 
 def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None, vae_name=None,
-                        vae_path=None, ckpt_key="ema", amm=None, device="cpu", default_model_name=None):
+                        vae_path=None, ckpt_key="ema", amm=None, device="cpu", default_model_name=None,
+                        compile_model=False):
     """Reads the checkpoint, loads the VAE, builds the model with its AMM setting, loads the
     weights strictly and returns a SamplingModel in eval mode on `device`.
 
     amm: None keeps the model's own setting, "default" its published preset, a list of block
     indices those blocks ([] none). default_model_name is used for a checkpoint that does not
-    record its model when model_name is None. Raises CheckpointError, VAENotFoundError or
+    record its model when model_name is None. compile_model: torch.compile its forward. Raises CheckpointError, VAENotFoundError or
     SamplingSetupError with a message for the user.
     """
     checkpoint = read_checkpoint(ckpt)
@@ -75,6 +78,8 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
     check_input_shape(model, model_name, latent_shape, image_size, vae_name)
     load_weights(model, checkpoint, key=ckpt_key, source=ckpt, model_name=model_name)
     model = model.to(device).eval()
+    if compile_model:
+        compile_forward(model)
     return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape)
 
 

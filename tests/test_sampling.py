@@ -289,8 +289,9 @@ def test_grid_script_compares_amm_from_the_same_noise(files, tmp_path, capsys):
     assert not np.array_equal(with_amm, without_amm)
     assert str(tmp_path / "compare" / base.format("amm1.3-vs-noamm")) in capsys.readouterr().out
 
-    image_generator.main([*args, "--no-amm", "--output-dir", str(tmp_path / "plain")])
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / base.format("noamm"))), without_amm)
+    image_generator.main([*args, "--no-amm", "--compile", "--output-dir", str(tmp_path / "plain")])
+    compiled = np.asarray(Image.open(tmp_path / "plain" / base.format("noamm"))).astype(int)
+    assert np.abs(compiled - without_amm).max() <= 1  # compiled kernels round differently in the last bits
 
     image_generator.main([*args, "--no-amm", "--zoom", "3", "--output-dir", str(tmp_path / "zoomed")])
     zoomed = np.asarray(Image.open(tmp_path / "zoomed" / base.format("noamm")))
