@@ -126,14 +126,14 @@ class Variant:
 
     def describe(self):
         return {"model": self.name, "fast_paths": self.fast,
-                "fused_attention_blocks": sum(uses_fused_attention(block.attn) for block in self.model.blocks),
+                "fast_attention_blocks": sum(uses_fast_attention(block.attn) for block in self.model.blocks),
                 "parameters": models.count_trainable_parameters(self.model),
                 "macs_per_sample": count_macs_or_none(self.model)}
 
 
-def uses_fused_attention(attention):
-    """Ours says `fused`, timm's says `fused_attn`."""
-    return bool(getattr(attention, "fused", getattr(attention, "fused_attn", False)))
+def uses_fast_attention(attention):
+    """Ours says `fast`, timm's says `fused_attn` (SDPA)."""
+    return bool(getattr(attention, "fast", getattr(attention, "fused_attn", False)))
 
 
 def count_macs_or_none(model):

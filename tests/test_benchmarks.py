@@ -110,7 +110,9 @@ def test_script_compares_fast_paths_and_writes_json(tmp_path):
             assert measurement["min_s"] <= measurement["median_s"] <= measurement["max_s"]
             assert measurement["rate"] > 0 and measurement["peak_memory_mb"] > 0
     assert set(result["ratios"]) == set(speed.MEASUREMENTS)
-    assert result["variants"]["fast"]["fast_paths"] and not result["variants"]["plain"]["fast_paths"]
+    fast, plain = result["variants"]["fast"], result["variants"]["plain"]
+    assert fast["fast_paths"] and not plain["fast_paths"]
+    assert fast["fast_attention_blocks"] == 12 and plain["fast_attention_blocks"] == 0  # EDT-S has 12 blocks
 
 
 def test_script_compares_two_models(capsys):
@@ -118,6 +120,7 @@ def test_script_compares_two_models(capsys):
                          "--skip-training", "--skip-sampling"])
     assert set(result["ratios"]) == {"inference", "inference_cfg"}
     assert result["variants"]["plain:DiT-S/2"]["parameters"] == result["variants"]["DiT-S/2"]["parameters"]
+    assert result["variants"]["plain:DiT-S/2"]["fast_attention_blocks"] == 12  # timm's fused_attn
     assert "ratio DiT-S/2 / plain:DiT-S/2 inference" in capsys.readouterr().out
 
 
