@@ -57,8 +57,8 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
 
     amm: None keeps the model's own setting, "default" its published preset, a list of block
     indices those blocks ([] none). default_model_name is used for a checkpoint that does not
-    record its model when model_name is None. compile_model: torch.compile its forward. Raises CheckpointError, VAENotFoundError or
-    SamplingSetupError with a message for the user.
+    record its model when model_name is None; compile_model compiles its forward. Raises
+    CheckpointError, VAENotFoundError or SamplingSetupError with a message for the user.
     """
     checkpoint = read_checkpoint(ckpt)
     recorded = checkpoint if isinstance(checkpoint, dict) and "model_config" in checkpoint else {}
