@@ -11,10 +11,12 @@ median seconds, spread (min, max) and the rate (iterations, steps or images per 
 
 Fast paths ("on", `model.set_fast_paths(True)`): SDPA attention outside AMM blocks (with EDT's
 bias as a 4-D mask, so CPU inference takes the fused kernel), the explicit AMM attention in
-place at inference, Linear+GELU fused by oneDNN in CPU inference, the full and masked passes of
-a masked training step as one forward of 2B samples, and the foreach EMA. "off" is the plain
-path: explicit attention with a new tensor per intermediate, ATen's GELU, two passes, and an EMA
-updated one parameter at a time.
+place at inference, the blocks' Linears through oneDNN on packed weights with the GELU fused in
+CPU inference, modulation and gated residuals as one multiply-add each, the full and masked
+passes of a masked training step as one forward of 2B samples, and the foreach EMA. "off" is
+the plain path, the reference implementation's operations one by one: explicit attention with a
+new tensor per intermediate, ATen's Linear and GELU, two-pass modulation, two training passes,
+and an EMA updated one parameter at a time.
 """
 import argparse
 import contextlib

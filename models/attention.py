@@ -6,6 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fast_paths import FastPathSwitch
+from .kept_tensor import KeptTensor
+from .onednn import PackedLinear
+
 MIN_AMM_GRID = 3  # the radius token (row 2, column n - 1) must exist
 
 
@@ -59,7 +63,7 @@ class RelativePositionBias(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("index", relative_position_index(grid_size), persistent=False)
-        self.kept_bias, self.kept_for = None, None
+        self.kept_bias = KeptTensor()
 
     def gather(self):
         # Gathered from the transposed table, the bias comes out contiguous, as SDPA's fused CPU kernel wants its mask.
@@ -68,36 +72,31 @@ class RelativePositionBias(nn.Module):
     def forward(self):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.gather()
-        table = self.relative_position_bias_table
-        state = (table._version, table.data_ptr(), table.device, table.dtype, torch.is_inference_mode_enabled())
-        if self.kept_for != state:
-            self.kept_bias, self.kept_for = self.gather(), state
-        return self.kept_bias
+        return self.kept_bias.get(self.relative_position_bias_table, self.gather)
 
 
 #################################################################################
 #                                 Attention                                     #
 #################################################################################
 
-class Attention(nn.Module):
+class Attention(nn.Module, FastPathSwitch):
     """Self-attention over a square token grid.
 
     AMM blocks multiply the softmax probabilities elementwise by the AMM (no renormalisation), so
     they need explicit probabilities; every other block goes through
     `scaled_dot_product_attention` with the relative position bias as its float mask (see
-    `uses_sdpa`). `fast=False` is the plain path, kept for comparison: explicit attention
-    everywhere, a new tensor for every intermediate.
+    `uses_sdpa`). `fast = False` is the plain path, kept for comparison: explicit attention
+    everywhere, a new tensor for every intermediate, ATen's Linear.
     """
 
-    def __init__(self, dim, num_heads, grid_size, relative_bias=True, amm_in_training=False, fast=True):
+    def __init__(self, dim, num_heads, grid_size, relative_bias=True, amm_in_training=False):
         super().__init__()
         self.num_heads = num_heads
         self.grid_size = grid_size
         self.scale = (dim // num_heads) ** -0.5
         self.amm_in_training = amm_in_training
-        self.fast = fast
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = PackedLinear(dim, 3 * dim)
+        self.proj = PackedLinear(dim, dim)
         self.rel_pos_bias = RelativePositionBias(grid_size, num_heads) if relative_bias else None
         self.register_buffer("amm", None, persistent=False)
 

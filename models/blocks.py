@@ -4,18 +4,24 @@ import torch.nn as nn
 
 from .attention import Attention
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
+from .fast_paths import FastPathSwitch
+from .onednn import PackedLinear
 
 LAYER_NORM_EPS = 1e-6
 
 
-def modulate(x, shift, scale):
-    """x: (N, T, C); shift, scale: (N, C). One fused multiply-add: x (1 + scale) + shift."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+def modulate(x, shift, scale, fused=True):
+    """x (1 + scale) + shift, fused: one multiply-add instead of two passes; x: (N, T, C); shift, scale: (N, C)."""
+    if fused:
+        return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def gated_residual(x, gate, branch):
-    """x + gate * branch in one fused multiply-add; x, branch: (N, T, C); gate: (N, C)."""
-    return torch.addcmul(x, gate.unsqueeze(1), branch)
+def gated_residual(x, gate, branch, fused=True):
+    """x + gate * branch, fused: one multiply-add instead of two passes; x, branch: (N, T, C); gate: (N, C)."""
+    if fused:
+        return torch.addcmul(x, gate.unsqueeze(1), branch)
+    return x + gate.unsqueeze(1) * branch
 
 
 def adaptive_modulation(cond_dim, out_dim):
@@ -32,64 +38,44 @@ def unpatchify(x, patch_size, channels):
     return x.reshape(N, channels, side * patch_size, side * patch_size)
 
 
-def onednn_linear_pointwise():
-    """oneDNN's Linear with a fused activation (what Inductor uses on CPU), if this build has it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
-        return None
-
-
-ONEDNN_LINEAR_POINTWISE = onednn_linear_pointwise()
-
-
 class Mlp(nn.Module):
-    """Linear, tanh-GELU, Linear. With `fast`, CPU inference in float32 fuses the GELU into the
+    """Linear, tanh-GELU, Linear. On the fast path, CPU float32 inference fuses the GELU into the
     first Linear through oneDNN: ATen's tanh-GELU alone takes about as long as that matmul."""
 
-    def __init__(self, dim, hidden_dim, fast=True):
+    def __init__(self, dim, hidden_dim):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = PackedLinear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.fast = fast
-
-    def fuses_gelu(self, x):
-        """Not under torch.compile, which fuses the GELU itself (and cannot lower this op on parameters)."""
-        return (self.fast and ONEDNN_LINEAR_POINTWISE is not None and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()
-                and x.device.type == "cpu" and x.dtype == self.fc1.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu"))
+        self.fc2 = PackedLinear(hidden_dim, dim)
 
     def forward(self, x):
-        if self.fuses_gelu(x):
-            hidden = ONEDNN_LINEAR_POINTWISE(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias,
-                                             "gelu", [], "tanh").view(*x.shape[:-1], -1)
+        if self.fc1.uses_onednn(x):
+            hidden = self.fc1.onednn_forward(x, activation="gelu_tanh")
         else:
             hidden = self.act(self.fc1(x))
         return self.fc2(hidden)
 
 
-class AdaLNBlock(nn.Module):
+class AdaLNBlock(nn.Module, FastPathSwitch):
     """A transformer block with adaLN-Zero conditioning (DiT), over a grid_size x grid_size grid."""
 
-    def __init__(self, dim, num_heads, grid_size, cond_dim, mlp_ratio=4.0, fast=True, **attention_kwargs):
+    def __init__(self, dim, num_heads, grid_size, cond_dim, mlp_ratio=4.0, **attention_kwargs):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads, grid_size, fast=fast, **attention_kwargs)
+        self.attn = Attention(dim, num_heads, grid_size, **attention_kwargs)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), fast=fast)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = adaptive_modulation(cond_dim, 6 * dim)
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))  # (N, T, C)
+        fused = self.fast
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, fused)), fused)
+        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, fused)), fused)
+        return x  # (N, T, C)
 
 
-class FinalLayer(nn.Module):
+class FinalLayer(nn.Module, FastPathSwitch):
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYER_NORM_EPS)
@@ -98,7 +84,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p * p * out)
+        return self.linear(modulate(self.norm_final(x), shift, scale, self.fast))  # (N, T, p * p * out)
 
 
 def init_linear_layers(module):
@@ -171,6 +157,8 @@ class GuidedDiffusionModel(nn.Module):
         return [index for index, block in enumerate(self.blocks) if block.attn.amm is not None]
 
     def set_fast_paths(self, enabled):
-        """Fast attention and MLP kernels (the default) or the plain path; outputs agree to float rounding."""
-        for block in self.blocks:
-            block.attn.fast = block.mlp.fast = enabled
+        """The fast paths (the default) or the plain path, the reference implementation's operations
+        one by one; outputs agree to float rounding."""
+        for module in self.modules():
+            if isinstance(module, FastPathSwitch):
+                module.fast = enabled

@@ -30,12 +30,13 @@ class DiT(GuidedDiffusionModel):
                                     class_dropout_prob, learn_sigma)
         self.blocks = nn.ModuleList([
             AdaLNBlock(hidden_size, num_heads, grid, hidden_size, mlp_ratio,
-                       relative_bias=False, amm_in_training=True, fast=fast_paths)
+                       relative_bias=False, amm_in_training=True)
             for _ in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
         self.set_amm_blocks(amm_blocks)
+        self.set_fast_paths(fast_paths)
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) class labels."""

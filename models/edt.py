@@ -8,6 +8,7 @@ import torch.nn as nn
 from .blocks import (LAYER_NORM_EPS, AdaLNBlock, FinalLayer, GuidedDiffusionModel, adaptive_modulation, modulate,
                      unpatchify)
 from .embeddings import sincos_buffer
+from .fast_paths import FastPathSwitch
 
 NUM_STAGES = 5  # down, down, middle, up, up
 NUM_DOWN_STAGES = NUM_STAGES // 2
@@ -31,7 +32,7 @@ def token_keep_mask(x, ratio_range, mask_start=0):
 #                     Token Down-sampling and Up-sampling                       #
 #################################################################################
 
-class DownSample(nn.Module):
+class DownSample(nn.Module, FastPathSwitch):
     """Merges each 2x2 group of tokens: (N, (2h)(2w), C) -> (N, h w, C_out), with AdaLN token
     enhancement before the reduction and the output grid's position embedding added after."""
 
@@ -50,7 +51,7 @@ class DownSample(nn.Module):
         # Sub-token order [row 0 col 0, row 1 col 0, row 0 col 1, row 1 col 1] is the released one.
         x = x.view(N, half, 2, half, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(N, half * half, 4 * C)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        x = modulate(self.norm(x), shift, scale)  # (N, h w, 4C)
+        x = modulate(self.norm(x), shift, scale, self.fast)  # (N, h w, 4C)
         if keep is not None:
             keep = keep.view(N, half, 2, half, 2).permute(0, 1, 3, 4, 2).reshape(N, half * half, 4, 1)
             x = (x.view(N, half * half, 4, C) * keep).view(N, half * half, 4 * C)
@@ -73,7 +74,7 @@ class UpSample(nn.Module):
         return x.reshape(N, 4 * g * g, -1)
 
 
-class ConcatLayer(nn.Module):
+class ConcatLayer(nn.Module, FastPathSwitch):
     """Fuses up-sampled tokens with their long skip: (N, T, 2C) -> (N, T, C)."""
 
     def __init__(self, dim, grid_size, cond_dim):
@@ -86,7 +87,7 @@ class ConcatLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.cat(modulate(self.norm_final(x), shift, scale)) + self.pos_embed
+        return self.cat(modulate(self.norm_final(x), shift, scale, self.fast)) + self.pos_embed
 
 
 #################################################################################
@@ -133,13 +134,14 @@ class EDT(GuidedDiffusionModel):
                 grid *= 2
                 self.concat_blocks.append(ConcatLayer(dim, grid, hidden_size))
             for _ in range(depth):
-                self.blocks.append(AdaLNBlock(dim, heads, grid, hidden_size, mlp_ratio, fast=fast_paths))
+                self.blocks.append(AdaLNBlock(dim, heads, grid, hidden_size, mlp_ratio))
             if stage < NUM_DOWN_STAGES:
                 self.down_blocks.append(DownSample(dim, dims[stage + 1], grid, hidden_size))
                 grid //= 2
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
         self.set_amm_blocks(amm_blocks)
+        self.set_fast_paths(fast_paths)
 
     def forward(self, x, t, y, enable_down_mask=False, mask_start=0):
         """

@@ -1,5 +1,7 @@
 """EDT and DiT against the released checkpoint format and the reference EDT-S/2 outputs."""
 import argparse
+import collections
+import copy
 import fractions
 import json
 import math
@@ -132,16 +134,18 @@ def test_edt_s_reproduces_reference_outputs(name, reference_outputs, tmp_path):
     load_checkpoint(model, path)
     model.eval()
     ref = reference_outputs
-    with torch.no_grad():
-        outputs = {
-            name: model(ref["x"], ref["t"], ref["y"]),
-            f"{name}:cfg": model.forward_with_cfg(ref["x_cfg"], ref["t_cfg"], ref["y_cfg"], ref["cfg_scale"]),
-        }
-    for key, output in outputs.items():
-        expected = ref[key]
-        assert output.shape == expected.shape
-        relative_error = (output - expected).abs().max() / expected.abs().max()
-        assert relative_error < 1e-5, key
+    for fast in (True, False):  # the plain path does the reference's operations one by one
+        model.set_fast_paths(fast)
+        with torch.no_grad():
+            outputs = {
+                name: model(ref["x"], ref["t"], ref["y"]),
+                f"{name}:cfg": model.forward_with_cfg(ref["x_cfg"], ref["t_cfg"], ref["y_cfg"], ref["cfg_scale"]),
+            }
+        for key, output in outputs.items():
+            expected = ref[key]
+            assert output.shape == expected.shape
+            relative_error = (output - expected).abs().max() / expected.abs().max()
+            assert relative_error < 1e-5, (key, fast)
 
 
 def test_cfg_guides_first_three_channels_or_all(reference_outputs):
@@ -233,6 +237,7 @@ def fast_and_plain_results(model, run):
         model.zero_grad()
         model.set_fast_paths(fast)
         results.append(run(model))
+    model.set_fast_paths(True)
     return results
 
 
@@ -262,9 +267,10 @@ def test_fast_and_plain_paths_agree_at_inference(build):
 
 
 def kernels_called(model, *inputs):
+    """{kernel name: number of calls} in one forward without autograd."""
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         model(*inputs)
-    return {event.name for event in profiler.events()}
+    return collections.Counter(event.name for event in profiler.events())
 
 
 def test_cpu_inference_takes_the_fused_kernels_and_training_the_explicit_bias_path():
@@ -272,7 +278,7 @@ def test_cpu_inference_takes_the_fused_kernels_and_training_the_explicit_bias_pa
     inputs = model_inputs()
     fast = kernels_called(model, *inputs)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in fast  # the 4-D bias mask is accepted
-    assert "mkldnn::_linear_pointwise" in fast
+    assert fast["mkldnn::_linear_pointwise"] == 4 * len(model.blocks)  # qkv, proj, fc1 with GELU, fc2
     assert "aten::gelu" not in fast
     model.set_fast_paths(False)
     plain = kernels_called(model, *inputs)
@@ -293,22 +299,35 @@ def test_compiled_inference_equals_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_kept_inference_bias_follows_every_change_of_the_table():
+def test_kept_inference_tensors_follow_every_change_of_their_parameters():
     model = randomize(tiny_edt()).eval()
     bias = model.blocks[0].attn.rel_pos_bias
+    fc1 = model.blocks[0].mlp.fc1
     x, t, y = model_inputs()
+
+    def fast_equals_plain():
+        fast, plain = fast_and_plain_results(model, lambda model: model(x, t, y))
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        return fast
+
     with torch.no_grad():
-        before = model(x, t, y)
+        before = fast_equals_plain()
         assert bias() is bias()  # gathered once
+        assert fc1.packed_weight.get(fc1.weight, None) is fc1.packed_weight.get(fc1.weight, None)  # packed once
         state = {key: value.clone() for key, value in model.state_dict().items()}
         bias.relative_position_bias_table.add_(0.5)
+        fc1.weight.mul_(2)
         assert torch.equal(bias(), bias.gather())
-        changed = model(x, t, y)
+        changed = fast_equals_plain()
         model.load_state_dict(state)
         assert torch.equal(bias(), bias.gather())
         torch.testing.assert_close(model(x, t, y), before, rtol=0, atol=0)
+        copied = copy.deepcopy(model)  # kept tensors are not copied, the copy derives its own
+        assert copied.blocks[0].mlp.fc1.packed_weight.tensor is None
+        torch.testing.assert_close(copied(x, t, y), before, rtol=0, atol=0)
         model.double()
         assert bias().dtype == torch.float64
+        torch.testing.assert_close(model(x.double(), t, y), before.double(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(changed, before)
     assert bias().requires_grad  # with autograd, gathered afresh
 
