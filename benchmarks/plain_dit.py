@@ -8,14 +8,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
-from models.blocks import LAYER_NORM_EPS, FinalLayer, unpatchify
+from models.blocks import LAYER_NORM_EPS, FinalLayer, gated_residual, modulate, unpatchify
 from models.dit import DiT_models
 from models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_buffer
-
-
-def modulate(x, shift, scale):
-    """The original DiT's two-pass modulation (ours is one fused multiply-add)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 class PlainDiTBlock(nn.Module):
@@ -29,8 +24,9 @@ class PlainDiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # The original DiT's two-pass modulation and residuals (ours fuse each into one multiply-add).
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, fused=False)), fused=False)
+        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, fused=False)), fused=False)
         return x  # (N, T, C)
 
 
@@ -46,6 +42,7 @@ class PlainDiT(nn.Module):
         self.register_buffer("pos_embed", sincos_buffer(hidden_size, input_size // patch_size))
         self.blocks = nn.ModuleList([PlainDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer.fast = False
 
     def forward(self, x, t, y):
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
