@@ -25,8 +25,10 @@ class PlainDiTBlock(nn.Module):
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         # The original DiT's two-pass modulation and residuals (ours fuse each into one multiply-add).
-        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, fused=False)), fused=False)
-        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, fused=False)), fused=False)
+        attention_input = modulate(self.norm1(x), shift_msa, scale_msa, fused=False)
+        x = gated_residual(x, gate_msa, self.attn(attention_input), fused=False)
+        mlp_input = modulate(self.norm2(x), shift_mlp, scale_mlp, fused=False)
+        x = gated_residual(x, gate_mlp, self.mlp(mlp_input), fused=False)
         return x  # (N, T, C)
 
 

@@ -50,6 +50,7 @@ NUM_CLASSES = 1000
 LEARNING_RATE = 1e-4
 EMA_DECAY = 0.9999
 MEASUREMENTS = ("train_masked", "train_plain", "inference", "inference_cfg", "sampling")
+REPORTED_SETTINGS = ("batch_size", "latent_size", "device", "mixed_precision", "compile", "threads", "load_average")
 
 
 #################################################################################
@@ -333,11 +334,12 @@ def settings(args, device):
 #################################################################################
 
 def report_lines(result):
-    lines = [f"settings: {json.dumps({k: result['settings'][k] for k in ('batch_size', 'latent_size', 'device', 'mixed_precision', 'compile', 'threads', 'load_average')})}"]
+    shown = {key: result["settings"][key] for key in REPORTED_SETTINGS}
+    lines = [f"settings: {json.dumps(shown)}"]
     for label, variant in result["variants"].items():
         macs = variant["macs_per_sample"]
-        lines.append(f"{label}: {variant['parameters'] / 1e6:.2f}M parameters, "
-                     f"{macs / 1e9:.3f} GMACs per sample" if macs else f"{label}: {variant['parameters'] / 1e6:.2f}M parameters")
+        description = f"{label}: {variant['parameters'] / 1e6:.2f}M parameters"
+        lines.append(f"{description}, {macs / 1e9:.3f} GMACs per sample" if macs else description)
         for name, m in variant["measurements"].items():
             lines.append(f"  {name:14s} {m['rate']:9.3f} {m['unit']:9s} median {m['median_s'] * 1e3:9.1f} ms "
                          f"[{m['min_s'] * 1e3:.1f}, {m['max_s'] * 1e3:.1f}] x{m['repeats']}, "
