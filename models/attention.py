@@ -55,8 +55,7 @@ def relative_position_index(grid_size):
 
 class RelativePositionBias(nn.Module):
     """The (1, heads, T, T) bias gathered from a learned ((2n - 1)^2, heads) table. Without
-    autograd (sampling) the gathered bias is kept and gathered again only when the table
-    changes (its version counter, storage, device or dtype)."""
+    autograd (sampling) the gathered bias is kept until the table changes (KeptTensor)."""
 
     def __init__(self, grid_size, num_heads):
         super().__init__()

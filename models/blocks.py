@@ -69,10 +69,9 @@ class AdaLNBlock(nn.Module, FastPathSwitch):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        fused = self.fast
-        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, fused)), fused)
-        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, fused)), fused)
-        return x  # (N, T, C)
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, self.fast)), self.fast)
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, self.fast)),
+                              self.fast)  # (N, T, C)
 
 
 class FinalLayer(nn.Module, FastPathSwitch):
