@@ -6,7 +6,9 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_mask_adan.py ...
 
 A custom size: --model EDT --dims 64 64 64 64 64 --num-heads 2 2 2 2 2 --depths 1 1 1 1 1
---patch-size 1. --no-mask trains without masking (the released train_adan.py). Checkpoints go to
+--patch-size 1. --model MDTv2-S/2 trains MDT's objective (full-token loss plus the loss of its
+masked pass) under the same optimiser and schedule. --no-mask trains without masking (the
+released train_adan.py). Checkpoints go to
 RESULTS/NNN-MODEL/checkpoints/{step:07d}.pt; --resume latest continues the newest one bit-exactly.
 """
 import argparse
@@ -37,13 +39,17 @@ def parse_args(argv=None):
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="EDT-S/2",
-                       help="a registered name (EDT-S/2, DiT-XL/2, ...) or EDT / DiT with size options")
+                       help="a registered name (EDT-S/2, MDTv2-S/2, DiT-XL/2, ...) or EDT / DiT / MDTv2 "
+                            "with size options")
     model.add_argument("--dims", type=int, nargs="+", help="EDT: width of each of the 5 stages")
-    model.add_argument("--num-heads", type=int, nargs="+", help="EDT: 5 head counts; DiT: one")
+    model.add_argument("--num-heads", type=int, nargs="+", help="EDT: 5 head counts; DiT, MDTv2: one")
     model.add_argument("--depths", type=int, nargs="+", help="EDT: blocks in each of the 5 stages")
-    model.add_argument("--hidden-size", type=int, help="DiT width")
-    model.add_argument("--depth", type=int, help="DiT blocks")
-    model.add_argument("--patch-size", type=int, default=None, help="EDT / DiT (default 2)")
+    model.add_argument("--hidden-size", type=int, help="DiT / MDTv2 width")
+    model.add_argument("--depth", type=int, help="DiT / MDTv2 blocks")
+    model.add_argument("--patch-size", type=int, default=None, help="EDT / DiT / MDTv2 (default 2)")
+    model.add_argument("--mask-ratio", type=float, default=None,
+                       help="MDTv2: masked training drops this + U(0, 0.2) of the tokens (default 0.3)")
+    model.add_argument("--decode-layer", type=int, default=None, help="MDTv2: decoder blocks (default 4)")
     model.add_argument("--amm-blocks", nargs="+", default=None,
                        help="AMM block indices, a preset (default, high_cfg) or none")
     model.add_argument("--no-mask", action="store_true", help="plain training, no token masking")

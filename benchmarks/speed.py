@@ -1,7 +1,8 @@
-"""Training and inference speed of EDT and DiT, with and without the fast paths.
+"""Training and inference speed of EDT, DiT and MDTv2, with and without the fast paths.
 
     python -m benchmarks.speed --model EDT-S/2 --batch-size 256 --device cuda
     python -m benchmarks.speed --model EDT-S/2 --compare DiT-S/2 --batch-size 8 --device cpu
+    python -m benchmarks.speed --model EDT-S/2 --compare MDTv2-S/2 --batch-size 8 --device cpu
     python -m benchmarks.speed --model EDT-S/2 --compare-fast-paths --batch-size 8
     python -m benchmarks.speed --model DiT-S/2 --compare plain:DiT-S/2 --skip-training
 
@@ -44,7 +45,8 @@ from sampling.sampler import PRECISIONS, Sampler, compile_forward, guided_model_
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
 from training.step import fused_micro_batch_losses, micro_batch_losses  # noqa: E402
 
-PLAIN_PREFIX = "plain:"  # "plain:DiT-S/2" is the timm-style DiT of benchmarks/plain_dit.py
+PLAIN_PREFIX = "plain:"
+MDT_MASK_RATIO = 0.3  # "plain:DiT-S/2" is the timm-style DiT of benchmarks/plain_dit.py
 LATENT_CHANNELS = 4
 NUM_CLASSES = 1000
 LEARNING_RATE = 1e-4
@@ -116,7 +118,8 @@ class Variant:
 
     def __init__(self, label, name, model, fast, args, device):
         self.label, self.name, self.fast = label, name, fast
-        self.masked = isinstance(model, models.EDT)
+        self.masked = getattr(model, "masked_training_flag", None) is not None
+        self.fusable_mask = isinstance(model, models.EDT)  # MDT's masked pass cannot share a batch
         if hasattr(model, "set_fast_paths"):
             model.set_fast_paths(fast)
         self.model = model.to(device)
@@ -140,13 +143,15 @@ def uses_fast_attention(attention):
 
 
 def count_macs_or_none(model):
-    return models.count_macs(model) if isinstance(model, (models.EDT, models.DiT)) else None
+    return models.count_macs(model) if isinstance(model, models.GuidedDiffusionModel) else None
 
 
 def build_model(name, latent_size, seed):
     torch.manual_seed(seed)
     if name.startswith(PLAIN_PREFIX):
         return plain_dit_like(name.removeprefix(PLAIN_PREFIX), latent_size)
+    if name in models.MDT_models:  # trained masked, as MDT trains it
+        return models.create_model(name, input_size=latent_size, mask_ratio=MDT_MASK_RATIO)
     return models.create_model(name, input_size=latent_size)
 
 
@@ -186,9 +191,10 @@ def training_step_fn(variant, masked, x, y, args, device):
     network = variant.model
 
     def losses():
-        if masked and variant.fast:
+        if masked and variant.fast and variant.fusable_mask:
             return fused_micro_batch_losses(network, diffusion, schedule_sampler, x, y)
-        return micro_batch_losses(network, diffusion, schedule_sampler, x, y, masked=masked)
+        mask_flag = network.masked_training_flag if masked else None
+        return micro_batch_losses(network, diffusion, schedule_sampler, x, y, mask_flag)
 
     def step():
         with autocast(device, args.mixed_precision):

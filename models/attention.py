@@ -11,6 +11,13 @@ from .kept_tensor import KeptTensor
 from .onednn import PackedLinear
 
 MIN_AMM_GRID = 3  # the radius token (row 2, column n - 1) must exist
+BEIT_CLASS_TOKEN_ROWS = 3  # BEiT's bias table rows for class-token pairs, kept by MDT
+# How a checkpoint stores the relative position bias: EDT's table has only the grid's rows and no
+# index; MDT's (BEiT's) has three more rows and its index table.
+BIAS_LAYOUTS = {
+    "edt": dict(extra_rows=0, persistent_index=False),
+    "mdt": dict(extra_rows=BEIT_CLASS_TOKEN_ROWS, persistent_index=True),
+}
 
 
 #################################################################################
@@ -54,24 +61,46 @@ def relative_position_index(grid_size):
 
 
 class RelativePositionBias(nn.Module):
-    """The (1, heads, T, T) bias gathered from a learned ((2n - 1)^2, heads) table. Without
-    autograd (sampling) the gathered bias is kept until the table changes (KeptTensor)."""
+    """The (1, heads, T, T) bias gathered from a learned ((2n - 1)^2 + extra_rows, heads) table.
+    Without autograd (sampling) the gathered bias is kept until the table changes (KeptTensor).
 
-    def __init__(self, grid_size, num_heads):
+    extra_rows: BEiT's three class-token rows, unused by the grid but part of MDT's checkpoints.
+    persistent_index: MDT's checkpoints also store the index table; EDT's do not.
+    """
+
+    def __init__(self, grid_size, num_heads, extra_rows=0, persistent_index=False):
         super().__init__()
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid_size - 1) ** 2, num_heads))
+        num_rows = (2 * grid_size - 1) ** 2 + extra_rows
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rows, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.register_buffer("index", relative_position_index(grid_size), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(grid_size),
+                             persistent=persistent_index)
         self.kept_bias = KeptTensor()
 
     def gather(self):
         # Gathered from the transposed table, the bias comes out contiguous, as SDPA's fused CPU kernel wants its mask.
-        return self.relative_position_bias_table.T[:, self.index].unsqueeze(0)  # (1, heads, T, T)
+        return self.relative_position_bias_table.T[:, self.relative_position_index].unsqueeze(0)  # (1, heads, T, T)
 
-    def forward(self):
+    def forward(self, token_ids=None):
+        """token_ids: optional (B, L) indices of the tokens present (MDT's masked training);
+        then the bias between those tokens, (B, heads, L, L)."""
+        if token_ids is not None:
+            return gather_token_pairs(self.gather(), token_ids)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.gather()
         return self.kept_bias.get(self.relative_position_bias_table, self.gather)
+
+
+def gather_token_pairs(matrix, token_ids):
+    """(1, H, T, T) or (T, T) matrix over all token pairs -> (B, H, L, L) (H = 1 for the
+    latter) over the pairs of each sample's present tokens token_ids (B, L)."""
+    matrix = matrix.view(1, -1, *matrix.shape[-2:])  # (1, H, T, T)
+    batch, present = token_ids.shape
+    heads, total = matrix.shape[1], matrix.shape[-1]
+    rows = token_ids.view(batch, 1, present, 1).expand(batch, heads, present, total)
+    matrix = matrix.expand(batch, heads, total, total).gather(2, rows)  # (B, H, L, T)
+    columns = token_ids.view(batch, 1, 1, present).expand(batch, heads, present, present)
+    return matrix.gather(3, columns)  # (B, H, L, L)
 
 
 #################################################################################
@@ -88,7 +117,7 @@ class Attention(nn.Module, FastPathSwitch):
     everywhere, a new tensor for every intermediate, ATen's Linear.
     """
 
-    def __init__(self, dim, num_heads, grid_size, relative_bias=True, amm_in_training=False):
+    def __init__(self, dim, num_heads, grid_size, relative_bias=True, amm_in_training=False, bias_layout="edt"):
         super().__init__()
         self.num_heads = num_heads
         self.grid_size = grid_size
@@ -96,7 +125,8 @@ class Attention(nn.Module, FastPathSwitch):
         self.amm_in_training = amm_in_training
         self.qkv = PackedLinear(dim, 3 * dim)
         self.proj = PackedLinear(dim, dim)
-        self.rel_pos_bias = RelativePositionBias(grid_size, num_heads) if relative_bias else None
+        self.rel_pos_bias = (RelativePositionBias(grid_size, num_heads, **BIAS_LAYOUTS[bias_layout])
+                             if relative_bias else None)
         self.register_buffer("amm", None, persistent=False)
 
     def set_amm(self, enabled):
@@ -110,6 +140,13 @@ class Attention(nn.Module, FastPathSwitch):
     def amm_active(self):
         return self.amm is not None and (self.amm_in_training or not self.training)
 
+    def amm_for(self, token_ids):
+        """The AMM this forward multiplies by: None outside active AMM blocks, (T, T) over the
+        whole grid, (B, 1, L, L) over the tokens present."""
+        if not self.amm_active():
+            return None
+        return self.amm if token_ids is None else gather_token_pairs(self.amm, token_ids)
+
     def uses_sdpa(self, bias):
         """SDPA outside AMM blocks, except for a CPU mask that needs its gradient (training
         EDT's bias): the fused CPU kernel has no mask gradient, and SDPA's math fallback is
@@ -118,24 +155,27 @@ class Attention(nn.Module, FastPathSwitch):
             return False
         return bias is None or not bias.requires_grad or bias.device.type != "cpu"
 
-    def forward(self, x):
+    def forward(self, x, token_ids=None):
+        """x: (B, T, C); token_ids: optional (B, T) grid positions of x's tokens, when only
+        some of the grid's tokens are present (MDT's masked training)."""
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, C / heads)
-        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (1, heads, T, T)
+        bias = self.rel_pos_bias(token_ids) if self.rel_pos_bias is not None else None  # (1 or B, heads, T, T)
         if self.uses_sdpa(bias):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype) if bias is not None else None)
         else:
-            x = self.explicit_attention(q, k, v, bias, in_place=self.fast and not torch.is_grad_enabled())
+            amm = self.amm_for(token_ids)
+            x = self.explicit_attention(q, k, v, bias, amm, in_place=self.fast and not torch.is_grad_enabled())
         return self.proj(x.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
-    def explicit_attention(self, q, k, v, bias, in_place):
-        """softmax(q k^T scale + bias) (times the AMM) v. in_place (no autograd) keeps one
+    def explicit_attention(self, q, k, v, bias, amm, in_place):
+        """softmax(q k^T scale + bias) (times `amm`, if any) v. in_place (no autograd) keeps one
         (B, heads, T, T) buffer: at inference, allocating three costs more than the arithmetic."""
         scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
         if bias is not None:
             scores = scores.add_(bias) if in_place else scores + bias
         probs = torch.softmax(scores, dim=-1, out=scores) if in_place else scores.softmax(dim=-1)
-        if self.amm_active():
-            probs = probs.mul_(self.amm) if in_place else probs * self.amm
+        if amm is not None:
+            probs = probs.mul_(amm) if in_place else probs * amm
         return probs @ v  # (B, heads, T, C / heads)

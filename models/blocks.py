@@ -67,9 +67,11 @@ class AdaLNBlock(nn.Module, FastPathSwitch):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = adaptive_modulation(cond_dim, 6 * dim)
 
-    def forward(self, x, c):
+    def forward(self, x, c, token_ids=None):
+        """token_ids: see Attention.forward."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, self.fast)), self.fast)
+        attended = self.attn(modulate(self.norm1(x), shift_msa, scale_msa, self.fast), token_ids)
+        x = gated_residual(x, gate_msa, attended, self.fast)
         return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, self.fast)),
                               self.fast)  # (N, T, C)
 
@@ -103,14 +105,27 @@ def zero_module_output(linear):
     nn.init.zeros_(linear.bias)
 
 
+def resolve_amm_blocks(model_name, amm_blocks, presets):
+    """AMM block indices as given, or those of a preset name ("default", ...) in `presets`."""
+    if not isinstance(amm_blocks, str):
+        return amm_blocks
+    if amm_blocks not in presets:
+        raise ValueError(f"no AMM preset {amm_blocks!r} for {model_name}; pass explicit block indices")
+    return presets[amm_blocks]
+
+
 class GuidedDiffusionModel(nn.Module):
-    """What EDT and DiT share as class-conditional diffusion transformers with `x_embedder`,
-    `t_embedder`, `y_embedder`, AdaLNBlock `blocks` and a `final_layer`: weight initialisation,
-    classifier-free guidance and AMM control."""
+    """What EDT, DiT and MDTv2 share as class-conditional diffusion transformers with
+    `x_embedder`, `t_embedder`, `y_embedder`, AdaLNBlock `blocks` and a `final_layer`: weight
+    initialisation, classifier-free guidance and AMM control."""
+
+    # The forward's keyword that turns on masked training (None: the model has none).
+    masked_training_flag = None
 
     def build_embedders(self, input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob,
-                        learn_sigma):
-        """Patch, timestep and label embedders and the fixed position table; returns the token grid side."""
+                        learn_sigma, learnable_pos_embed=False):
+        """Patch, timestep and label embedders and the sin-cos position table (fixed, or a
+        parameter that starts from it); returns the token grid side."""
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.patch_size = patch_size
@@ -118,7 +133,10 @@ class GuidedDiffusionModel(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.register_buffer("pos_embed", sincos_buffer(hidden_size, grid))
+        if learnable_pos_embed:
+            self.pos_embed = nn.Parameter(sincos_buffer(hidden_size, grid))
+        else:
+            self.register_buffer("pos_embed", sincos_buffer(hidden_size, grid))
         return grid
 
     def initialize_weights(self):
@@ -136,11 +154,16 @@ class GuidedDiffusionModel(nn.Module):
         """Runs the first half of the batch twice, with the labels as given (conditional first,
         null labels second), and applies guidance to the first `cfg_channels` output channels
         (None: all). The remaining channels (e.g. the learned variance) pass through."""
+        return self.guided_forward(x, t, y, cfg_scale, cfg_channels)
+
+    def guided_forward(self, x, t, y, scale, cfg_channels):
+        """forward_with_cfg with the guidance scale a number, or a tensor (N, 1, 1, 1) for the
+        N images of the first half."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y)  # (2N, C_out, H, W)
         guided, rest = (out, out[:, :0]) if cfg_channels is None else (out[:, :cfg_channels], out[:, cfg_channels:])
         cond, uncond = guided.chunk(2, dim=0)
-        half_guided = uncond + cfg_scale * (cond - uncond)
+        half_guided = uncond + scale * (cond - uncond)
         return torch.cat([torch.cat([half_guided, half_guided], dim=0), rest], dim=1)
 
     def set_amm_blocks(self, block_indices):

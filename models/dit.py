@@ -6,7 +6,7 @@ the reference plug-in does.
 """
 import torch.nn as nn
 
-from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, unpatchify
+from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, resolve_amm_blocks, unpatchify
 
 
 class DiT(GuidedDiffusionModel):
@@ -69,11 +69,7 @@ DIT_AMM_PRESETS = {
 
 def dit_constructor(name, size, patch_size):
     def build(amm_blocks=(), **kwargs):
-        if isinstance(amm_blocks, str):
-            presets = DIT_AMM_PRESETS.get(name, {})
-            if amm_blocks not in presets:
-                raise ValueError(f"no AMM preset {amm_blocks!r} for {name}; pass explicit block indices")
-            amm_blocks = presets[amm_blocks]
+        amm_blocks = resolve_amm_blocks(name, amm_blocks, DIT_AMM_PRESETS.get(name, {}))
         return DiT(patch_size=patch_size, amm_blocks=amm_blocks, **{**DIT_SIZES[size], **kwargs})
     return build
 

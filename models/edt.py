@@ -98,6 +98,8 @@ class EDT(GuidedDiffusionModel):
     """Five stages at grids n, n/2, n/4, n/2, n (n = input_size / patch_size); `blocks` is the
     flat list of all transformer blocks in stage order, which AMM block indices refer to."""
 
+    masked_training_flag = "enable_down_mask"
+
     def __init__(
         self,
         input_size=32,

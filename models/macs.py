@@ -11,7 +11,9 @@ def block_macs(block):
     tokens = block.attn.grid_size ** 2
     dim = block.attn.proj.in_features
     attention_matmuls = 2 * tokens * tokens * dim  # q k^T and probs @ v over all heads
-    token_linears = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
+    token_linears = [block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2]
+    if getattr(block, "skip_linear", None) is not None:  # MDT's long skips
+        token_linears.append(block.skip_linear)
     return (linear_macs(block.adaLN_modulation[1]) + attention_matmuls
             + sum(linear_macs(layer, tokens) for layer in token_linears))
 

@@ -81,7 +81,7 @@ def guided_model_fn(model, cfg_scale=1.0, cfg_channels=3, precision="no"):
     """model_fn(x, t, y) -> (B, C_out, H, W) for the diffusion loops.
 
     cfg_scale 1 is the plain forward. Otherwise the batch is run as [x, x] with labels
-    [y, null] through `forward_with_cfg`, guiding the first `cfg_channels` output channels
+    [y, null] through `forward_with_cfg` (MDTv2's with its guidance schedule), guiding the first `cfg_channels` output channels
     (None: all); only the guided first half is returned, so each image keeps one state and
     one noise stream in the loop.
     """
@@ -105,7 +105,7 @@ def guided_model_fn(model, cfg_scale=1.0, cfg_channels=3, precision="no"):
         x_in = torch.cat([x, x])  # (2B, C, H, W)
         y_in = torch.cat([y, torch.full_like(y, null_class)])
         with autocast(x):
-            out = model.forward_with_cfg(x_in, torch.cat([t, t]), y_in, cfg_scale, cfg_channels)
+            out = model.forward_with_cfg(x_in, torch.cat([t, t]), y_in, cfg_scale, cfg_channels=cfg_channels)
         return out[:batch].to(x.dtype)  # (B, C_out, H, W), guided
     return model_fn
 

@@ -53,7 +53,8 @@ def test_fused_masked_step_equals_two_pass_step_in_losses_and_gradients():
     y = torch.randint(0, 10, (3,), generator=generator)
     noise_full, noise_masked = torch.randn(2, *x.shape, generator=generator)
 
-    two_pass = step_losses_and_grads(model, micro_batch_losses, [noise_full, noise_masked], x, y, masked=True)
+    two_pass = step_losses_and_grads(model, micro_batch_losses, [noise_full, noise_masked], x, y,
+                                     mask_flag="enable_down_mask")
     fused = step_losses_and_grads(model, fused_micro_batch_losses, [torch.cat([noise_full, noise_masked])], x, y)
 
     torch.testing.assert_close(fused[0], two_pass[0], **TOLERANCE)

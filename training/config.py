@@ -10,6 +10,8 @@ from latents.shards import read_manifest
 
 VAE_DOWNSAMPLING = 8  # latent side = image side / 8 for the SD VAE
 NUM_EDT_STAGES = 5
+MDT_MODEL_PREFIX = "MDTv2"
+DEFAULT_MDT_MASK_RATIO = 0.3  # MDT's published training setting (run.sh: --mask_ratio 0.30)
 
 
 class ConfigError(ValueError):
@@ -82,7 +84,7 @@ def parse_amm_blocks(values):
 
 
 def custom_model_kwargs(args):
-    """Size arguments of a custom EDT (--dims, --num-heads, --depths, five each) or DiT
+    """Size arguments of a custom EDT (--dims, --num-heads, --depths, five each), DiT or MDTv2
     (--hidden-size, --depth, one --num-heads)."""
     if args.model == "EDT":
         for option in ("dims", "num_heads", "depths"):
@@ -92,7 +94,7 @@ def custom_model_kwargs(args):
                                   f"{NUM_EDT_STAGES} integers (one per stage)")
         return dict(dims=tuple(args.dims), num_heads=tuple(args.num_heads), depths=tuple(args.depths))
     if args.hidden_size is None or args.depth is None or args.num_heads is None or len(args.num_heads) != 1:
-        raise ConfigError("--model DiT needs --hidden-size, --depth and one --num-heads")
+        raise ConfigError(f"--model {args.model} needs --hidden-size, --depth and one --num-heads")
     return dict(hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads[0])
 
 
@@ -105,7 +107,11 @@ def resolve_model_config(args, manifest):
     if args.model in models.CUSTOM_MODELS:
         kwargs.update(custom_model_kwargs(args), patch_size=args.patch_size or 2)
     elif args.patch_size is not None:
-        raise ConfigError(f"{args.model} has a fixed patch size; --patch-size is for --model EDT / DiT")
+        raise ConfigError(f"{args.model} has a fixed patch size; --patch-size is for --model EDT / DiT / MDTv2")
+    if args.model.startswith(MDT_MODEL_PREFIX):
+        kwargs.update(mdt_kwargs(args))
+    elif args.mask_ratio is not None or args.decode_layer is not None:
+        raise ConfigError("--mask-ratio and --decode-layer are MDTv2's options")
     amm_blocks = parse_amm_blocks(args.amm_blocks)
     if amm_blocks is not None:
         if isinstance(amm_blocks, str) and args.model in models.CUSTOM_MODELS:
@@ -113,17 +119,31 @@ def resolve_model_config(args, manifest):
                               f"block indices")
         kwargs["amm_blocks"] = amm_blocks
     config = models.model_config(args.model, **kwargs)
-    if not args.no_mask and not args.model.startswith("EDT"):
-        raise ConfigError(f"masked training needs an EDT model; train {args.model} with --no-mask")
-    check_model_builds(config)
+    model = check_model_builds(config)
+    if not args.no_mask and model.masked_training_flag is None:
+        raise ConfigError(f"masked training needs an EDT or MDTv2 model; train {args.model} with --no-mask")
+    if args.fused_mask_batch and not isinstance(model, models.EDT):
+        raise ConfigError("--fused-mask-batch needs an EDT model (MDT's masked pass drops tokens, so it "
+                          "cannot share a batch with the full pass)")
     return config
 
 
+def mdt_kwargs(args):
+    """MDTv2's masking options: no mask ratio when training without masking, so that its mask
+    token stays frozen, as in MDT's own unmasked models."""
+    kwargs = {} if args.decode_layer is None else {"decode_layer": args.decode_layer}
+    if args.no_mask:
+        kwargs["mask_ratio"] = None
+    else:
+        kwargs["mask_ratio"] = DEFAULT_MDT_MASK_RATIO if args.mask_ratio is None else args.mask_ratio
+    return kwargs
+
+
 def check_model_builds(config):
-    """Builds the model without memory (meta device) to catch shape errors up front."""
+    """Builds the model without memory (meta device) to catch shape errors up front; returns it."""
     try:
         with torch.device("meta"):
-            models.build_model(config)
+            return models.build_model(config)
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"cannot build {config['name']} for these latents "
                           f"({config['kwargs']}): {error}") from None

@@ -71,13 +71,14 @@ def train(args, run, state, diffusion, data):
     saved_step = state.step if state.step else None  # a resumed run's checkpoint exists
     progress = tqdm(total=last_step, initial=state.step, unit="step", disable=not run.is_main)
     meter = LossMeter()
+    mask_flag = None if args.no_mask else state.model.masked_training_flag
     run.logger.info(f"training from step {state.step} (epoch {state.epoch}) to step {last_step}")
     while state.step < last_step:
         for micro_batches in data.steps(state.epoch, state.epoch_step):
             lr = learning_rate(state.step, args.init_lr, args.final_lr, args.lr_decay_steps)
             set_learning_rate(optimizer, lr)
             losses = optimization_step(run.accelerator, model, optimizer, diffusion,
-                                       state.schedule_sampler, micro_batches, masked=not args.no_mask,
+                                       state.schedule_sampler, micro_batches, mask_flag=mask_flag,
                                        fused=args.fused_mask_batch)
             decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
             update_ema(state.ema, state.model, decay)

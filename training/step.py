@@ -1,4 +1,4 @@
-"""One optimizer step of EDT's masked training, over accumulated micro-batches."""
+"""One optimizer step of masked training (EDT's or MDT's), over accumulated micro-batches."""
 import contextlib
 import functools
 from dataclasses import dataclass
@@ -14,16 +14,18 @@ class StepLosses:
     masked: torch.Tensor
 
 
-def micro_batch_losses(model, diffusion, schedule_sampler, x, y, masked):
+def micro_batch_losses(model, diffusion, schedule_sampler, x, y, mask_flag):
     """(full-token loss, masked loss), each the importance-weighted batch mean (scalars).
 
-    Both passes share the timesteps and weights; each draws its own noise and label drops.
-    The sampler learns from the sum of both per-sample losses, as the reference does."""
+    mask_flag: the model's forward keyword that masks (`masked_training_flag`), None for no
+    masked pass. Both passes share the timesteps and weights; each draws its own noise and
+    label drops. The sampler learns from the sum of both per-sample losses, as the EDT and MDT
+    references do."""
     t, weights = schedule_sampler.sample(x.shape[0], x.device)  # (B,), (B,)
     full = diffusion.training_losses(model, x, t, model_kwargs=dict(y=y))["loss"]  # (B,)
-    if masked:
+    if mask_flag is not None:
         masked_loss = diffusion.training_losses(
-            model, x, t, model_kwargs=dict(y=y, enable_down_mask=True))["loss"]  # (B,)
+            model, x, t, model_kwargs={"y": y, mask_flag: True})["loss"]  # (B,)
     else:
         masked_loss = torch.zeros_like(full)
     schedule_sampler.update_with_local_losses(t, (full + masked_loss).detach())
@@ -32,7 +34,7 @@ def micro_batch_losses(model, diffusion, schedule_sampler, x, y, masked):
 
 def fused_micro_batch_losses(model, diffusion, schedule_sampler, x, y):
     """The same two losses from one forward pass over [batch, batch], masking only the second
-    half (EDT's mask_start). Equal in distribution to micro_batch_losses, but the random
+    half (EDT's mask_start; EDT only). Equal in distribution to micro_batch_losses, but the random
     numbers are drawn in one call per kind instead of two, so runs differ bit for bit."""
     batch = x.shape[0]
     t, weights = schedule_sampler.sample(batch, x.device)  # (B,), (B,)
@@ -45,14 +47,15 @@ def fused_micro_batch_losses(model, diffusion, schedule_sampler, x, y):
 
 
 def optimization_step(accelerator, model, optimizer, diffusion, schedule_sampler, micro_batches,
-                      masked, fused=False):
+                      mask_flag, fused=False):
     """Forward and backward every micro-batch, then one optimizer update.
 
     Gradients are all-reduced only on the last micro-batch (DDP's no_sync before it); each
     micro-batch's loss is divided by their number, so the update sees the mean gradient.
-    fused: the masked pass shares the full pass's forward (fused_micro_batch_losses)."""
-    losses_of = (fused_micro_batch_losses if fused and masked
-                 else functools.partial(micro_batch_losses, masked=masked))
+    mask_flag: as in micro_batch_losses; fused: the masked pass shares the full pass's forward
+    (fused_micro_batch_losses)."""
+    losses_of = (fused_micro_batch_losses if fused and mask_flag is not None
+                 else functools.partial(micro_batch_losses, mask_flag=mask_flag))
     accumulation_steps = len(micro_batches)
     full_sum = masked_sum = 0.0
     for index, (x, y) in enumerate(micro_batches):
