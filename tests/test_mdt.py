@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import image_generator
+import image_generator_ddp
 import models
 import train_mask_adan
 from models import count_macs, count_trainable_parameters, create_model, load_checkpoint
@@ -20,6 +21,7 @@ from runtime.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from sampling.images import GRID_PADDING
 from test_models import deterministic_state_dict, randomize
 from test_train import write_features
+from tiny_vae import TINY_VAE_DOWNSAMPLING, save_tiny_vae
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "reference")
 with open(os.path.join(REFERENCE_DIR, "mdt_checkpoint_format.json")) as f:
@@ -280,3 +282,20 @@ def test_grid_script_samples_an_mdt_checkpoint_with_and_without_amm(trained, tmp
     singles = [grid for grid in grids if grid.shape == (side, side, 3)]
     assert len(grids) == 3 and len(singles) == 2  # with AMM, without, and both side by side
     assert not np.array_equal(*singles)
+
+
+def test_ddp_script_samples_a_released_mdt_state_dict_into_an_npz(tmp_path):
+    model = create_model("MDTv2-S/2", input_size=8, num_classes=10)
+    weights = randomize(model).state_dict()
+    torch.save(weights, tmp_path / "mdt_s2.pt")  # the official layout: a raw state dict
+    vae = save_tiny_vae(str(tmp_path / "sd-vae-ft-ema"))
+    image_size = 8 * TINY_VAE_DOWNSAMPLING
+    image_generator_ddp.main(["--ckpt", str(tmp_path / "mdt_s2.pt"), "--model", "MDTv2-S/2", "--amm",
+                              "--image-size", str(image_size), "--num-classes", "10", "--vae-path", vae,
+                              "--num-images", "3", "--num-sampling-steps", "2", "--cfg-scale", "2.0",
+                              "--output-dir", str(tmp_path / "samples")])
+    (folder,) = os.listdir(tmp_path / "samples")
+    assert "MDTv2-S-2" in folder and "amm8" in folder
+    (npz,) = [name for name in os.listdir(tmp_path / "samples" / folder) if name.endswith(".npz")]
+    with np.load(tmp_path / "samples" / folder / npz) as samples:
+        assert samples["arr_0"].shape == (3, image_size, image_size, 3) and samples["arr_0"].dtype == np.uint8
