@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from benchmarks.plain_dit import plain_dit_like  # noqa: E402
 from diffusion import create_diffusion, create_named_schedule_sampler  # noqa: E402
+from models.mdt import TRAINING_MASK_RATIO  # noqa: E402
 from runtime.cli import require_at_least  # noqa: E402
 from runtime.ema import create_ema, update_ema  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
@@ -45,8 +46,7 @@ from sampling.sampler import PRECISIONS, Sampler, compile_forward, guided_model_
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
 from training.step import fused_micro_batch_losses, micro_batch_losses  # noqa: E402
 
-PLAIN_PREFIX = "plain:"
-MDT_MASK_RATIO = 0.3  # "plain:DiT-S/2" is the timm-style DiT of benchmarks/plain_dit.py
+PLAIN_PREFIX = "plain:"  # "plain:DiT-S/2" is the timm-style DiT of benchmarks/plain_dit.py
 LATENT_CHANNELS = 4
 NUM_CLASSES = 1000
 LEARNING_RATE = 1e-4
@@ -119,7 +119,6 @@ class Variant:
     def __init__(self, label, name, model, fast, args, device):
         self.label, self.name, self.fast = label, name, fast
         self.masked = getattr(model, "masked_training_flag", None) is not None
-        self.fusable_mask = isinstance(model, models.EDT)  # MDT's masked pass cannot share a batch
         if hasattr(model, "set_fast_paths"):
             model.set_fast_paths(fast)
         self.model = model.to(device)
@@ -151,7 +150,7 @@ def build_model(name, latent_size, seed):
     if name.startswith(PLAIN_PREFIX):
         return plain_dit_like(name.removeprefix(PLAIN_PREFIX), latent_size)
     if name in models.MDT_models:  # trained masked, as MDT trains it
-        return models.create_model(name, input_size=latent_size, mask_ratio=MDT_MASK_RATIO)
+        return models.create_model(name, input_size=latent_size, mask_ratio=TRAINING_MASK_RATIO)
     return models.create_model(name, input_size=latent_size)
 
 
@@ -191,7 +190,7 @@ def training_step_fn(variant, masked, x, y, args, device):
     network = variant.model
 
     def losses():
-        if masked and variant.fast and variant.fusable_mask:
+        if masked and variant.fast and network.fuses_masked_batch:
             return fused_micro_batch_losses(network, diffusion, schedule_sampler, x, y)
         mask_flag = network.masked_training_flag if masked else None
         return micro_batch_losses(network, diffusion, schedule_sampler, x, y, mask_flag)

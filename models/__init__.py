@@ -7,9 +7,9 @@ from .edt import EDT, EDT_models
 from .macs import count_macs, count_trainable_parameters
 from .mdt import MDT_models, MDTv2
 
-__all__ = ["ALL_MODELS", "CUSTOM_MODELS", "DiT", "DiT_models", "EDT", "EDT_models", "GuidedDiffusionModel", "MDT_models", "MDTv2",
-           "build_model", "count_macs", "count_trainable_parameters", "create_model", "load_checkpoint",
-           "model_config"]
+__all__ = ["ALL_MODELS", "CUSTOM_MODELS", "DiT", "DiT_models", "EDT", "EDT_models", "GuidedDiffusionModel",
+           "MDT_models", "MDTv2", "build_model", "count_macs", "count_trainable_parameters", "create_model",
+           "load_checkpoint", "model_config"]
 
 ALL_MODELS = {**EDT_models, **DiT_models, **MDT_models}
 # Bare class names build custom sizes from explicit arguments (dims, num_heads, depths, ...).

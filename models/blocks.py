@@ -121,6 +121,9 @@ class GuidedDiffusionModel(nn.Module):
 
     # The forward's keyword that turns on masked training (None: the model has none).
     masked_training_flag = None
+    # Whether the forward takes `mask_start`, masking only part of the batch, so that a training
+    # step can run its full-token and masked passes as one batch.
+    fuses_masked_batch = False
 
     def build_embedders(self, input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob,
                         learn_sigma, learnable_pos_embed=False):

@@ -99,6 +99,7 @@ class EDT(GuidedDiffusionModel):
     flat list of all transformer blocks in stage order, which AMM block indices refer to."""
 
     masked_training_flag = "enable_down_mask"
+    fuses_masked_batch = True
 
     def __init__(
         self,

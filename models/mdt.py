@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, resolve_amm_blocks, unpatchify, zero_module_output
 
+TRAINING_MASK_RATIO = 0.3  # MDT's published training setting (its run.sh: --mask_ratio 0.30)
 MASK_RATIO_SPREAD = 0.2  # masked training drops mask_ratio + U(0, 0.2) of the tokens
 MASK_TOKEN_STD = 0.02
 DIFFUSION_STEPS = 1000

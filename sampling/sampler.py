@@ -81,9 +81,9 @@ def guided_model_fn(model, cfg_scale=1.0, cfg_channels=3, precision="no"):
     """model_fn(x, t, y) -> (B, C_out, H, W) for the diffusion loops.
 
     cfg_scale 1 is the plain forward. Otherwise the batch is run as [x, x] with labels
-    [y, null] through `forward_with_cfg` (MDTv2's with its guidance schedule), guiding the first `cfg_channels` output channels
-    (None: all); only the guided first half is returned, so each image keeps one state and
-    one noise stream in the loop.
+    [y, null] through `forward_with_cfg` (MDTv2's with its guidance schedule), guiding the first
+    `cfg_channels` output channels (None: all); only the guided first half is returned, so each
+    image keeps one state and one noise stream in the loop.
     """
     autocast_dtype = PRECISIONS[precision]
     null_class = model.y_embedder.num_classes

@@ -7,11 +7,11 @@ import torch
 
 import models
 from latents.shards import read_manifest
+from models.mdt import TRAINING_MASK_RATIO
 
 VAE_DOWNSAMPLING = 8  # latent side = image side / 8 for the SD VAE
 NUM_EDT_STAGES = 5
 MDT_MODEL_PREFIX = "MDTv2"
-DEFAULT_MDT_MASK_RATIO = 0.3  # MDT's published training setting (run.sh: --mask_ratio 0.30)
 
 
 class ConfigError(ValueError):
@@ -122,7 +122,7 @@ def resolve_model_config(args, manifest):
     model = check_model_builds(config)
     if not args.no_mask and model.masked_training_flag is None:
         raise ConfigError(f"masked training needs an EDT or MDTv2 model; train {args.model} with --no-mask")
-    if args.fused_mask_batch and not isinstance(model, models.EDT):
+    if args.fused_mask_batch and not model.fuses_masked_batch:
         raise ConfigError("--fused-mask-batch needs an EDT model (MDT's masked pass drops tokens, so it "
                           "cannot share a batch with the full pass)")
     return config
@@ -135,7 +135,7 @@ def mdt_kwargs(args):
     if args.no_mask:
         kwargs["mask_ratio"] = None
     else:
-        kwargs["mask_ratio"] = DEFAULT_MDT_MASK_RATIO if args.mask_ratio is None else args.mask_ratio
+        kwargs["mask_ratio"] = TRAINING_MASK_RATIO if args.mask_ratio is None else args.mask_ratio
     return kwargs
 
 
