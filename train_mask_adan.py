@@ -4,12 +4,17 @@
         --model EDT-S/2 --feature-path FEATURES --epochs 81
     python train_mask_adan.py ...                       (one process)
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_mask_adan.py ...
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...
+                                                        (several nodes: docs/multinode.md)
 
 A custom size: --model EDT --dims 64 64 64 64 64 --num-heads 2 2 2 2 2 --depths 1 1 1 1 1
 --patch-size 1. --model MDTv2-S/2 trains MDT's objective (full-token loss plus the loss of its
 masked pass) under the same optimiser and schedule. --no-mask trains without masking (the
 released train_adan.py). Checkpoints go to
-RESULTS/NNN-MODEL/checkpoints/{step:07d}.pt; --resume latest continues the newest one bit-exactly.
+RESULTS/NNN-MODEL/checkpoints/{step:07d}.pt; --resume latest continues the newest one
+bit-exactly, or starts a new run when there is none, so the same command serves the first
+launch, torchrun's restarts (--max-restarts) and a requeue. SIGTERM (preemption) saves a
+checkpoint at the next step boundary and exits 0.
 """
 import argparse
 
@@ -79,7 +84,8 @@ def parse_args(argv=None):
     run = parser.add_argument_group("run")
     run.add_argument("--log-every", type=int, default=100)
     run.add_argument("--ckpt-every", type=int, default=50_000)
-    run.add_argument("--resume", default=None, help="a checkpoint file, or 'latest'")
+    run.add_argument("--resume", default=None,
+                     help="a checkpoint file, or 'latest' (the newest of this model, if any)")
     args = parser.parse_args(argv)
 
     require_at_least(args, 1, "epochs", "global_batch_size", "log_every", "ckpt_every", "max_steps", "mini_batch_size")

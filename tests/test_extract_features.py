@@ -153,7 +153,8 @@ def test_two_processes_store_the_same_as_one(workspace, one_process):
                                reference_features.astype(np.float32), rtol=0, atol=1e-5)
 
 
-def test_killed_run_resumes_to_the_clean_result(workspace, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "preemption"])
+def test_killed_run_resumes_to_the_clean_result(workspace, tmp_path, stop_signal):
     images = tmp_path / "images"
     make_image_folder(images, KILL_TEST_IMAGES, odd=False)
     args = extract_args(images, tmp_path / "killed", workspace["vae"],
@@ -163,7 +164,7 @@ def test_killed_run_resumes_to_the_clean_result(workspace, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not first_record.exists() and process.poll() is None:
         time.sleep(0.001)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(stop_signal)
     process.wait()
     assert not (tmp_path / "killed" / MANIFEST_NAME).exists(), "the run finished before the kill"
     kept = {name: os.stat(tmp_path / "killed" / name).st_mtime_ns

@@ -4,7 +4,6 @@ interrupted run resumes to the same npz, guidance and AMM do what they say, bad 
 one clear line, and the grid script compares AMM on and off from the same noise."""
 import argparse
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ from sampling.images import GRID_PADDING, make_grid, npz_name, side_by_side, to_
 from sampling.loading import SamplingSetupError, build_released_model, load_sampling_model
 from sampling.naming import amm_tag, sample_name
 from sampling.sampler import Sampler, all_labels, batch_inputs, guided_model_fn
+from launch import free_port
 from tiny_vae import TINY_VAE_DOWNSAMPLING, save_tiny_vae
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,12 +90,6 @@ def reference(files):
     output_dir = files["root"] / "reference"
     image_generator_ddp.main(ddp_args(files, output_dir, "--per-proc-batch-size", "4"))
     return output_dir / EXPECTED_NPZ
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def read_bytes(path):

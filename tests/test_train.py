@@ -302,8 +302,7 @@ def test_bad_input_fails_before_any_work(features, tmp_path):
     expect_error(["--feature-path", features, *base, *TINY_EDT, "--global-batch-size", "6",
                   "--mini-batch-size", "4"], "must be a multiple of")
     expect_error(["--feature-path", features, *base, *TINY_EDT, "--global-batch-size", "4",
-                  "--resume", "latest"],
-                 "no checkpoint of EDT")
+                  "--resume", str(tmp_path / "0400000.pt")], "no such checkpoint file")
     assert not results.exists()  # nothing was written
 
 

@@ -8,6 +8,8 @@ from torch.utils.data import DataLoader
 
 from latents import LatentDataset
 
+from .preemption import ignore_preemption_in_worker
+
 ORDER_STREAM = 1  # keeps the order's random stream apart from the dataset's flip table
 
 
@@ -66,7 +68,8 @@ class TrainData:
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                             # A private generator: starting a loader must not draw from the
                             # global torch RNG, or a resumed run would diverge.
-                            generator=torch.Generator())
+                            generator=torch.Generator(),
+                            worker_init_fn=ignore_preemption_in_worker)
         step_batches = []
         for x, y in loader:
             step_batches.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))

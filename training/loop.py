@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from runtime.ema import update_ema, warmed_up_decay
 
+from .preemption import PreemptionWatch
 from .schedule import learning_rate, set_learning_rate
 from .step import optimization_step
 
@@ -63,8 +64,23 @@ def save(run, state):
     run.logger.info(f"saved {path}")
 
 
+def train_step(args, run, state, model, optimizer, diffusion, micro_batches, mask_flag):
+    """One optimizer update and its EMA update; returns (losses, learning rate)."""
+    lr = learning_rate(state.step, args.init_lr, args.final_lr, args.lr_decay_steps)
+    set_learning_rate(optimizer, lr)
+    losses = optimization_step(run.accelerator, model, optimizer, diffusion,
+                               state.schedule_sampler, micro_batches, mask_flag=mask_flag,
+                               fused=args.fused_mask_batch)
+    decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
+    update_ema(state.ema, state.model, decay)
+    return losses, lr
+
+
 def train(args, run, state, diffusion, data):
-    """Trains until --epochs or --max-steps; saves every --ckpt-every steps and at the end."""
+    """Trains until --epochs or --max-steps; saves every --ckpt-every steps and at the end.
+
+    On SIGTERM it saves at the next step boundary and returns early (--resume latest goes on
+    bit-exactly). Returns True when training reached its last step."""
     model, optimizer = prepare_model(args, run, state)
     model.train()  # enables label dropout for classifier-free guidance
     last_step = total_steps(args, data.steps_per_epoch)
@@ -73,26 +89,31 @@ def train(args, run, state, diffusion, data):
     meter = LossMeter()
     mask_flag = None if args.no_mask else state.model.masked_training_flag
     run.logger.info(f"training from step {state.step} (epoch {state.epoch}) to step {last_step}")
-    while state.step < last_step:
-        for micro_batches in data.steps(state.epoch, state.epoch_step):
-            lr = learning_rate(state.step, args.init_lr, args.final_lr, args.lr_decay_steps)
-            set_learning_rate(optimizer, lr)
-            losses = optimization_step(run.accelerator, model, optimizer, diffusion,
-                                       state.schedule_sampler, micro_batches, mask_flag=mask_flag,
-                                       fused=args.fused_mask_batch)
-            decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
-            update_ema(state.ema, state.model, decay)
-            state.advance(data.steps_per_epoch)
-            meter.add(losses)
-            progress.update(1)
-            if state.step % args.log_every == 0:
-                log_progress(run, state, meter, args.global_batch_size, lr, progress)
-            if state.step % args.ckpt_every == 0:
-                save(run, state)
-                saved_step = state.step
-            if state.step >= last_step:
-                break
-    progress.close()
-    if saved_step != state.step:
-        save(run, state)
+    preempted = False
+    with PreemptionWatch(run.accelerator) as preemption:
+        while state.step < last_step and not preempted:
+            for micro_batches in data.steps(state.epoch, state.epoch_step):
+                losses, lr = train_step(args, run, state, model, optimizer, diffusion,
+                                        micro_batches, mask_flag)
+                state.advance(data.steps_per_epoch)
+                meter.add(losses)
+                progress.update(1)
+                if state.step % args.log_every == 0:
+                    log_progress(run, state, meter, args.global_batch_size, lr, progress)
+                if state.step % args.ckpt_every == 0:
+                    save(run, state)
+                    saved_step = state.step
+                if state.step >= last_step:
+                    break
+                if preemption.should_stop():
+                    preempted = True
+                    break
+        progress.close()
+        if saved_step != state.step:
+            save(run, state)
+    if preempted:
+        run.logger.info(f"stopped by SIGTERM at step {state.step} with its checkpoint saved; "
+                        f"run again with --resume latest to go on")
+        return False
     run.logger.info("done")
+    return True

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from torch.utils.tensorboard import SummaryWriter
 
 from runtime.checkpoint import CheckpointError, read_checkpoint
 from runtime.distributed import enable_tf32
@@ -26,7 +25,7 @@ class Run:
     accelerator: Accelerator
     experiment_dir: str
     logger: object
-    writer: Optional[SummaryWriter]  # TensorBoard, main process only
+    writer: Optional[object]  # TensorBoard's SummaryWriter, main process only
     mini_batch_size: int
     accumulation_steps: int
     resume_checkpoint: Optional[dict]  # the checkpoint to resume from, already read
@@ -67,7 +66,13 @@ class Run:
 def create_accelerator(mixed_precision):
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU")
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    # Without cpu=True a CPU-only machine under torchrun or accelerate launch would give every
+    # process a world of its own, and each would train alone without a word.
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if accelerator.num_processes != launched:
+        raise ConfigError(f"the launcher started {launched} processes but accelerate joined "
+                          f"{accelerator.num_processes}; check the accelerate config")
     if accelerator.device.type == "cuda":
         enable_tf32()
     return accelerator
@@ -124,8 +129,10 @@ def latest_checkpoint(experiment_dir):
 
 
 def find_resume_path(resume, results_dir, model_name):
-    """--resume latest: the highest step of the newest experiment of this model that has one;
-    otherwise a checkpoint file."""
+    """--resume latest: the highest step of the newest experiment of this model that has one,
+    or None (a fresh start, so the same command starts a job and continues it after a
+    restart or preemption); otherwise a checkpoint file. Checkpoints are renamed into place
+    only once complete, so a half-written one is never found."""
     if resume != "latest":
         if not os.path.isfile(resume):
             raise ConfigError(f"--resume {resume}: no such checkpoint file")
@@ -134,7 +141,7 @@ def find_resume_path(resume, results_dir, model_name):
         path = latest_checkpoint(experiment_dir)
         if path is not None:
             return path
-    raise ConfigError(f"--resume latest: no checkpoint of {model_name} in {results_dir}")
+    return None
 
 
 def owning_experiment(checkpoint_path):
@@ -171,14 +178,32 @@ def read_resume_checkpoint(path, model_config, global_batch_size):
     return checkpoint
 
 
-def experiment_dir_on_main(accelerator, results_dir, model_name, resume_path):
-    """The main process picks (or creates) the folder; every process gets its name."""
-    chosen = [None]
+def tensorboard_writer(log_dir, purge_step):
+    """Imported here, on the main process only: torch.utils.tensorboard imports TensorFlow
+    when it is installed, about 3.5 s that the other processes need not spend."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir, purge_step=purge_step)
+
+
+def on_main(accelerator, decide):
+    """Runs decide() on the main process only (it reads and creates folders) and hands every
+    process its result, or raises its ConfigError on every process."""
+    outcome = [None]
     if accelerator.is_main_process:
-        chosen[0] = (resume_path and owning_experiment(resume_path)) or create_experiment_dir(
-            results_dir, model_name)
-    broadcast_object_list(chosen)
-    return chosen[0]
+        try:
+            outcome[0] = (decide(), None)
+        except ConfigError as error:
+            outcome[0] = (None, str(error))
+    broadcast_object_list(outcome)
+    result, error = outcome[0]
+    if error:
+        raise ConfigError(error)
+    return result
+
+
+def new_or_owning_experiment(results_dir, model_name, resume_path):
+    """A resumed run goes on in its checkpoint's experiment folder; anything else gets a new one."""
+    return (resume_path and owning_experiment(resume_path)) or create_experiment_dir(results_dir, model_name)
 
 
 #################################################################################
@@ -197,21 +222,23 @@ def setup_run(args, config):
                           f"{config.num_images} images in {args.feature_path}")
     seed_everything(rank_seed(args.global_seed, accelerator.process_index, accelerator.num_processes))
 
-    resume_path = resume_checkpoint = None
-    if args.resume:
-        resume_path = find_resume_path(args.resume, args.results_dir, config.model_name)
-        resume_checkpoint = read_resume_checkpoint(resume_path, config.model_config,
-                                                   args.global_batch_size)
-    experiment_dir = experiment_dir_on_main(accelerator, args.results_dir, config.model_name,
-                                            resume_path)
+    resume_path = args.resume and on_main(
+        accelerator, lambda: find_resume_path(args.resume, args.results_dir, config.model_name))
+    resume_checkpoint = resume_path and read_resume_checkpoint(resume_path, config.model_config,
+                                                               args.global_batch_size)
+    experiment_dir = on_main(accelerator, lambda: new_or_owning_experiment(
+        args.results_dir, config.model_name, resume_path))
     logger = create_logger(experiment_dir, accelerator.is_main_process)
     writer = None
     if accelerator.is_main_process:
         # On resume, purge_step drops TensorBoard events written after the checkpoint.
         purge_step = resume_checkpoint["step"] if resume_checkpoint else None
-        writer = SummaryWriter(os.path.join(experiment_dir, "tensorboard"), purge_step=purge_step)
+        writer = tensorboard_writer(os.path.join(experiment_dir, "tensorboard"), purge_step)
     if resume_path:
         logger.info(f"resuming from {resume_path} (step {resume_checkpoint['step']})")
+    elif args.resume:
+        logger.info(f"--resume latest: no checkpoint of {config.model_name} in "
+                    f"{args.results_dir} yet, starting a new run")
     logger.info(f"experiment folder {experiment_dir}; {accelerator.num_processes} processes on "
                 f"{accelerator.device.type}, micro-batch {mini_batch_size} x {accumulation_steps} "
                 f"accumulation steps per process, global batch {args.global_batch_size}")
