@@ -14,8 +14,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import image_generator_ddp
+import train_mask_adan
 from runtime.checkpoint import read_checkpoint
 from test_extract_features import extract_args, make_image_folder
 from test_sampling import ddp_args, files, reference  # noqa: F401 (module fixtures)
@@ -119,6 +121,22 @@ def test_extraction_on_two_nodes_writes_the_same_shards(tmp_path):
 #################################################################################
 #                          Killed workers and preemption                        #
 #################################################################################
+
+def test_resume_is_bit_exact_for_edt_s_on_two_threads(features, tmp_path):
+    """One process on two intra-op threads, checkpoint at step 3 (an epoch boundary)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        straight = train_mask_adan.main(train_args(features, tmp_path / "straight"))
+        train_mask_adan.main(train_args(features, tmp_path / "split", "--max-steps", "3"))
+        train_mask_adan.main(train_args(features, tmp_path / "split", "--resume", "latest"))
+    finally:
+        torch.set_num_threads(threads)
+    resumed = final_checkpoint(tmp_path / "split")
+    assert resumed["step"] == STEPS and resumed["epoch"] == 2
+    for key, value in (("model", straight.model), ("ema", straight.ema), ("opt", straight.optimizer)):
+        assert_same_tree(resumed[key], value.state_dict(), key)
+
 
 def checkpoint_exists(results, step):
     def exists():
