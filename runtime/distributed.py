@@ -1,7 +1,8 @@
-"""Process setup shared by every multi-process script (feature extraction, DDP sampling).
+"""Process setup shared by every multi-process script (extraction, sampling, training).
 
-The same script runs under `torchrun` (rank and world size from its environment variables) and
-under plain `python` (one process, no process group). Training uses accelerate instead.
+The same script runs under `torchrun` or `accelerate launch` (rank and world size from their
+environment variables, on one node or several) and under plain `python` (one process, no
+process group). Training joins the group here, then hands it to accelerate.
 """
 import os
 from dataclasses import dataclass
@@ -55,13 +56,24 @@ def init_distributed():
     else:
         device = torch.device("cpu")
 
-    if launched_by_torchrun():
-        if device.type == "cuda":
-            # Binding the group to the device lets NCCL barriers know which GPU to use.
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
+    if launched_by_torchrun() and not dist.is_initialized():
+        join_process_group(device)
     return DistributedContext(rank, world_size, local_rank, device)
+
+
+def join_process_group(device):
+    """init_process_group through the launcher's store, under a prefix per torchelastic restart.
+
+    torchrun's agent keeps one store for all restarts of its workers; without the prefix a
+    restarted worker can read the address a dead worker of the previous attempt left there,
+    and gloo then fails with "connection refused"."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if device.type == "cuda":
+        # Binding the group to the device lets NCCL barriers know which GPU to use.
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size, device_id=device)
+    else:
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
 
 
 def barrier():

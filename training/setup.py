@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from runtime.checkpoint import CheckpointError, read_checkpoint
-from runtime.distributed import enable_tf32
+from runtime.distributed import init_distributed
 from runtime.logging import create_logger
 
 from .config import ConfigError
@@ -66,6 +66,7 @@ class Run:
 def create_accelerator(mixed_precision):
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU")
+    init_distributed()  # the process group, joined safely across torchelastic restarts
     # Without cpu=True a CPU-only machine under torchrun or accelerate launch would give every
     # process a world of its own, and each would train alone without a word.
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
@@ -73,8 +74,6 @@ def create_accelerator(mixed_precision):
     if accelerator.num_processes != launched:
         raise ConfigError(f"the launcher started {launched} processes but accelerate joined "
                           f"{accelerator.num_processes}; check the accelerate config")
-    if accelerator.device.type == "cuda":
-        enable_tf32()
     return accelerator
 
 
