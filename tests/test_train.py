@@ -15,6 +15,7 @@ import torch
 
 import models
 import train_mask_adan
+import training.build
 from diffusion import create_diffusion
 from latents import LatentDataset
 from latents.shards import plan_shards, write_manifest, write_shard
@@ -167,6 +168,19 @@ def test_gradient_checkpointing_changes_nothing(features, tmp_path):
     assert_same_tree(plain.optimizer.state_dict(), recomputed.optimizer.state_dict(), "opt")
 
 
+def test_exact_decoder_nll_is_an_option_of_the_training_diffusion(features, tmp_path, monkeypatch):
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(create_diffusion(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(training.build, "create_diffusion", recording)
+    train(features, tmp_path / "released", "--global-batch-size", "4", "--max-steps", "1")
+    train(features, tmp_path / "exact", "--global-batch-size", "4", "--max-steps", "1", "--exact-decoder-nll")
+    assert [diffusion.exact_decoder_nll for diffusion in built] == [False, True]
+
+
 @pytest.fixture(scope="module")
 def resume_runs(features, tmp_path_factory):
     """For each batch plan: (checkpoint of 6 straight steps, of 3 + resume + 3, results dirs)."""
@@ -230,6 +244,7 @@ TWO_PROCESS_DRIVER = textwrap.dedent("""
     import torch
     sys.path.insert(0, {repo!r})
     import train_mask_adan
+import training.build
     from training.data import EpochBatches
 
     seen = {{}}
