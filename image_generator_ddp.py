@@ -56,7 +56,8 @@ def sample_folder(args, loaded):
     """The folder whose name records every setting that changes the samples."""
     return os.path.join(args.output_dir, sample_name(
         loaded.model_name, args.ckpt, loaded.image_size, loaded.vae_name, args.cfg_scale,
-        args.sampler, args.num_sampling_steps, amm_tag(loaded.model.amm_blocks), args.global_seed,
+        args.sampler, args.num_sampling_steps, amm_tag(loaded.model.amm_blocks, loaded.model.amm_variant),
+        args.global_seed,
         CFG_CHANNELS[args.cfg_channels], args.mixed_precision,
         args.num_images if args.class_balanced else None))
 

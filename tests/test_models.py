@@ -170,12 +170,19 @@ def test_cfg_guides_first_three_channels_or_all(reference_outputs):
 #                       Attention Modulation Matrix                             #
 #################################################################################
 
-@pytest.mark.parametrize("n", [4, 8, 16])
-def test_amm_follows_formula(n):
-    amm = attention_modulation_matrix_numpy = attention_module.attention_modulation_matrix(n).double().numpy()
+AMM_FUNCTIONS = {  # of the cosine, the release's two functions
+    "256": lambda cosine: np.exp(cosine) / 2,
+    "512": lambda cosine: 1.3 * cosine,
+}
+
+
+@pytest.mark.parametrize("variant", sorted(AMM_FUNCTIONS))
+@pytest.mark.parametrize("n", [4, 8, 16, 32])
+def test_amm_follows_formula(n, variant):
+    amm = attention_modulation_matrix_numpy = attention_module.attention_modulation_matrix(n, variant).double().numpy()
     rows, cols = np.divmod(np.arange(n * n), n)
     distance = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])
-    formula = np.exp(np.cos(2 * np.pi * distance / (4 * (n - 1) * math.sqrt(2)))) / 2
+    formula = AMM_FUNCTIONS[variant](np.cos(2 * np.pi * distance / (4 * (n - 1) * math.sqrt(2))))
     radius = math.sqrt((n - 1) ** 2 + 4)
     inside = distance <= radius + 1e-9
     np.testing.assert_allclose(attention_modulation_matrix_numpy[inside], formula[inside], rtol=1e-6)
@@ -187,6 +194,40 @@ def test_amm_follows_formula(n):
 def test_amm_needs_a_grid_with_the_radius_token():
     with pytest.raises(ValueError, match="at least 3x3"):
         attention_module.attention_modulation_matrix(2)
+    with pytest.raises(ValueError, match="unknown AMM variant '1024'"):
+        attention_module.attention_modulation_matrix(8, "1024")
+
+
+def test_512_models_default_to_the_released_512_amm():
+    with torch.device("meta"):
+        for name, blocks_256, blocks_512 in (("EDT-S/2", [7, 10], [10]), ("EDT-B/2", [7, 10], [10]),
+                                             ("EDT-XL/2", [23, 25], [23, 25])):
+            at_256, at_512 = create_model(name), create_model(name, input_size=64)
+            assert (at_256.amm_blocks, at_256.amm_variant) == (blocks_256, "256")
+            assert (at_512.amm_blocks, at_512.amm_variant) == (blocks_512, "512")
+            assert at_512.blocks[blocks_512[0]].attn.grid_size == 32
+        assert create_model("EDT-S/2", input_size=64, amm_variant="256").amm_variant == "256"
+        assert create_model("EDT-S/2", amm_variant="512").amm_variant == "512"
+        assert create_model("DiT-XL/2", input_size=64, amm_blocks="default").amm_variant == "256"
+        assert create_model("MDTv2-S/2", amm_blocks="default", amm_variant="512").amm_variant == "512"
+    with pytest.raises(ValueError, match="unknown AMM variant"):
+        tiny_edt(amm_blocks=[3], amm_variant="1024")
+
+
+def test_amm_variant_changes_the_matrix_and_the_outputs():
+    model = randomize(tiny_edt(input_size=64, amm_blocks=[5])).eval()  # the last stage's grid: 32, as EDT /2 at 512x512, as EDT /2 at 512x512
+    assert model.amm_variant == "512"
+    torch.testing.assert_close(model.blocks[5].attn.amm, attention_module.attention_modulation_matrix(32, "512"))
+    x, t, y = model_inputs(size=64)
+    with torch.no_grad():
+        out_512 = model(x, t, y)
+        model.set_amm_blocks([5], variant="256")
+        out_256 = model(x, t, y)
+    assert model.amm_variant == "256" and out_256.shape == (4, 8, 64, 64)
+    torch.testing.assert_close(model.blocks[5].attn.amm, attention_module.attention_modulation_matrix(32, "256"))
+    assert not torch.allclose(out_256, out_512, atol=1e-4)
+    model.set_amm_blocks([5, 6])  # keeps the variant
+    assert model.blocks[6].attn.amm_variant == "256"
 
 
 def test_edt_amm_only_in_eval_mode_and_dit_amm_always():

@@ -19,7 +19,7 @@ import sampling.images
 from models import create_model, model_config
 from sampling.images import GRID_PADDING, make_grid, npz_name, side_by_side, to_uint8
 from sampling.loading import SamplingSetupError, build_released_model, load_sampling_model
-from sampling.naming import amm_tag, sample_name
+from sampling.naming import amm_tag, comparison_tag, sample_name
 from sampling.sampler import Sampler, all_labels, batch_inputs, guided_model_fn
 from tiny_vae import TINY_VAE_DOWNSAMPLING, save_tiny_vae
 
@@ -257,6 +257,8 @@ def test_names_record_every_setting():
                        amm_tag([7, 10]), 0)
     assert name == "EDT-S-2-0400000-size-256-vae-ema-cfg-1.0-ddpm250-amm7.10-seed-0"
     assert sample_name("EDT-S/2", "0400000.pt", 256, "ema", 1.0, "ddpm", 250, amm_tag([]), 0) != name
+    assert amm_tag([10], "512") == "amm10-v512" and amm_tag([], "512") == "noamm"
+    assert comparison_tag([10], "512") == "amm10-v512-vs-noamm"
     assert sample_name("DiT-XL/2", "DiT-XL-2-256x256.pt", 256, "mse", 4.0, "ddim", 50, amm_tag([]), 3,
                        cfg_channels=None, precision="bf16", balanced_images=1000) == (
         "DiT-XL-2-DiT-XL-2-256x256-size-256-vae-mse-cfg-4.0-ddim50-noamm-seed-3-guide-all-amp-bf16-balanced-1000")
