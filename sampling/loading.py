@@ -12,7 +12,7 @@ import torch
 
 from models import ALL_MODELS, build_model, create_model
 from runtime import vae as vae_lib
-from runtime.checkpoint import load_weights, read_checkpoint
+from runtime.checkpoint import load_weights, read_checkpoint, state_dict_sha256
 
 from .sampler import compile_forward
 
@@ -35,6 +35,7 @@ class SamplingModel:
     vae_name: str  # "ema", "mse" or "none" (pixel space)
     vae: object  # the AutoencoderKL, or None in pixel space
     latent_shape: tuple  # (C, h, w) the model samples
+    weights_sha256: str  # of the weights loaded (runtime.checkpoint.state_dict_sha256)
 
     @property
     def dtype(self):
@@ -77,11 +78,12 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
         model_name = model_name or default_model_name
         model = build_released_model(model_name, latent_shape, num_classes, amm, amm_variant)
     check_input_shape(model, model_name, latent_shape, image_size, vae_name)
-    load_weights(model, checkpoint, key=ckpt_key, source=ckpt, model_name=model_name)
+    weights = load_weights(model, checkpoint, key=ckpt_key, source=ckpt, model_name=model_name)
+    weights_sha256 = state_dict_sha256(weights)
     model = model.to(device).eval()
     if compile_model:
         compile_forward(model)
-    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape)
+    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape, weights_sha256)
 
 
 def sampled_shape(vae, image_size):
