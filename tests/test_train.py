@@ -244,7 +244,6 @@ TWO_PROCESS_DRIVER = textwrap.dedent("""
     import torch
     sys.path.insert(0, {repo!r})
     import train_mask_adan
-import training.build
     from training.data import EpochBatches
 
     seen = {{}}
