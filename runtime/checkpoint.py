@@ -2,6 +2,7 @@
 import argparse
 import hashlib
 import pickle
+import zipfile
 
 import torch
 
@@ -24,10 +25,16 @@ def save_checkpoint(state, path):
 def read_checkpoint(path):
     """torch.load with weights_only=True, allow-listing argparse.Namespace (the `args` entry of
     released checkpoints) and nothing else: anything more exotic is refused with a clear error
-    instead of silently unpickling arbitrary objects."""
+    instead of silently unpickling arbitrary objects.
+
+    A checkpoint in torch's zip format (torch.save since 1.6) is memory-mapped, copy-on-write:
+    a tensor is read from the file when it is used, so a reader that needs only `ema` never reads
+    the optimizer state, and a full load needs no second, private copy of the file in memory.
+    The legacy format cannot be mapped and is read whole.
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:

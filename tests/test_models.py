@@ -3,9 +3,11 @@ import argparse
 import collections
 import copy
 import fractions
+import gc
 import json
 import math
 import os
+import zipfile
 import zlib
 
 import numpy as np
@@ -18,7 +20,7 @@ from models import (ALL_MODELS, EDT_models, build_model, count_macs, count_train
 from models import attention as attention_module
 from models.dit import DiT
 from models.edt import EDT
-from runtime.checkpoint import CheckpointError, save_checkpoint
+from runtime.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "reference")
 with open(os.path.join(REFERENCE_DIR, "checkpoint_format.json")) as f:
@@ -473,6 +475,37 @@ def test_load_checkpoint_raw_and_training_layouts(tmp_path):
     torch.testing.assert_close(target.state_dict(), source_model.state_dict())
     load_checkpoint(target, tmp_path / "raw.pt")
     torch.testing.assert_close(target.state_dict(), source_model.state_dict())
+
+
+def resident_kib(kind):
+    """This process's resident memory of one kind ("RssAnon", "RssFile"), in KiB (Linux)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{kind}:"))
+
+
+def test_read_checkpoint_maps_zip_checkpoints_and_reads_legacy_ones(tmp_path):
+    ema, optimizer_state = {"w": torch.randn(1000)}, torch.randn(16 * 2 ** 20)  # 64 MiB of optimizer state
+    path = tmp_path / "train.pt"
+    save_checkpoint({"ema": ema, "opt": {"state": optimizer_state}, "args": argparse.Namespace(epochs=1)}, path)
+    gc.collect()
+    before = resident_kib("RssAnon")
+    checkpoint = read_checkpoint(path)
+    torch.testing.assert_close(checkpoint["ema"]["w"], ema["w"])
+    assert resident_kib("RssAnon") - before < 16 * 1024  # the optimizer state stays in the file
+    torch.testing.assert_close(checkpoint["opt"]["state"], optimizer_state)  # read on use
+    # Copy-on-write: a change to a loaded tensor stays in memory, and a file saved over the
+    # checkpoint leaves what was loaded as it was.
+    checkpoint["ema"]["w"].zero_()
+    torch.testing.assert_close(read_checkpoint(path)["ema"]["w"], ema["w"])
+    save_checkpoint({"ema": {"w": torch.ones(1000)}}, path)
+    torch.testing.assert_close(checkpoint["opt"]["state"], optimizer_state)
+
+    legacy = tmp_path / "legacy.pt"  # the format before torch 1.6, which cannot be mapped
+    torch.save({"ema": ema, "args": argparse.Namespace(epochs=1)}, legacy, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy)
+    legacy_checkpoint = read_checkpoint(legacy)
+    assert legacy_checkpoint["args"].epochs == 1
+    torch.testing.assert_close(legacy_checkpoint["ema"]["w"], ema["w"])
 
 
 def test_load_checkpoint_errors(tmp_path):
