@@ -135,7 +135,8 @@ def train(args, features, results):
 
 
 def grid(args, checkpoint, grids):
-    run(python_command(repo_script("image_generator.py"), "--ckpt", checkpoint, "--class-labels", *map(str, range(NUM_DIGIT_CLASSES)),
+    run(python_command(repo_script("image_generator.py"), "--ckpt", checkpoint,
+                       "--class-labels", *map(str, range(NUM_DIGIT_CLASSES)),
                        "--samples-per-class", str(GRID_SAMPLES_PER_CLASS), "--cfg-scale", str(CFG_SCALES[-1]),
                        "--sampler", args.sampler, "--num-sampling-steps", str(args.sampling_steps),
                        "--compare-amm", "--amm",

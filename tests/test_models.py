@@ -217,7 +217,7 @@ def test_512_models_default_to_the_released_512_amm():
 
 
 def test_amm_variant_changes_the_matrix_and_the_outputs():
-    model = randomize(tiny_edt(input_size=64, amm_blocks=[5])).eval()  # the last stage's grid: 32, as EDT /2 at 512x512, as EDT /2 at 512x512
+    model = randomize(tiny_edt(input_size=64, amm_blocks=[5])).eval()  # last stage: grid 32, as EDT /2 at 512
     assert model.amm_variant == "512"
     torch.testing.assert_close(model.blocks[5].attn.amm, attention_module.attention_modulation_matrix(32, "512"))
     x, t, y = model_inputs(size=64)

@@ -185,7 +185,8 @@ def test_a_sample_folder_resumes_only_from_the_same_weights(files, tmp_path):
     other_run.mkdir()
     other = str(other_run / "0000100.pt")  # its EMA differs, its raw weights are the first run's EMA
     checkpoint = torch.load(files["ckpt"])
-    checkpoint["model"], checkpoint["ema"] = first_weights, random_state_dict(create_model("EDT", **tiny_edt_kwargs()), 1)
+    other_weights = random_state_dict(create_model("EDT", **tiny_edt_kwargs()), seed=1)
+    checkpoint["model"], checkpoint["ema"] = first_weights, other_weights
     torch.save(checkpoint, other)
     with pytest.raises(SystemExit) as exit_info:
         image_generator_ddp.main(ddp_args(files, tmp_path / "samples", ckpt=other))
