@@ -5,7 +5,8 @@
     python extract_features.py ...   (one process)
 
 Every image is stored once, with the latent of its horizontal flip; the output does not depend
-on the number of processes or the batch size. Re-running resumes: finished shards are kept.
+on the number of processes or the batch size. Re-running resumes: finished shards are kept, if
+they were made with the same settings and VAE weights (their sha256 is recorded).
 """
 import argparse
 import os
@@ -14,6 +15,7 @@ from latents.extract import (BadImageError, extract_shards, load_image_source,
                              make_feature_encoder)
 from latents.shards import (SettingsMismatchError, check_settings, finished_shards,
                             plan_shards, write_manifest)
+from runtime.checkpoint import state_dict_sha256
 from runtime.cli import require_at_least
 from runtime.distributed import barrier, cleanup, init_distributed, split_range
 from runtime.logging import create_logger
@@ -59,7 +61,8 @@ def main(argv=None):
                                                  context.device)
     settings = {"data_fingerprint": source.fingerprint, "num_images": len(source.samples),
                 "image_size": args.image_size, "vae": args.vae, "seed": args.global_seed,
-                "shard_size": args.shard_size}
+                "shard_size": args.shard_size,
+                "vae_weights_sha256": None if vae is None else state_dict_sha256(vae.state_dict())}
     try:
         check_settings(args.features_path, settings)
     except SettingsMismatchError as error:

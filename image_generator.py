@@ -93,11 +93,11 @@ def main(argv=None):
     for amm_blocks in settings:
         loaded.model.set_amm_blocks(amm_blocks)
         grids.append(sample_grid(sample, loaded, args))
-        path = grid_path(args, loaded, amm_tag(amm_blocks))
+        path = grid_path(args, loaded, amm_tag(amm_blocks, loaded.model.amm_variant))
         save_png(path, enlarge(grids[-1], args.zoom))
         logger.info(f"saved {path} (classes {args.class_labels}, AMM blocks {amm_blocks})")
     if args.compare_amm:
-        path = grid_path(args, loaded, comparison_tag(settings[0]))
+        path = grid_path(args, loaded, comparison_tag(settings[0], loaded.model.amm_variant))
         save_png(path, enlarge(side_by_side(*grids), args.zoom))
         logger.info(f"saved {path}: with AMM (left) and without (right), the same noise")
 

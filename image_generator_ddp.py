@@ -6,7 +6,8 @@
 
 Every image's class and noise come from (global seed, image index), so the npz does not depend
 on the number of processes or the batch size. Each image is kept as `{index:06d}.png` in the
-sample folder, whose name records the settings; a re-run samples only the missing ones, then
+sample folder, whose name records the settings and whose manifest.json the sha256 of the weights;
+a re-run with the same weights samples only the missing ones (other weights are refused), then
 the npz `samples_{N}x{H}x{W}x3.npz` (`arr_0` images, `arr_1` labels) is assembled from them.
 """
 import argparse
@@ -19,6 +20,7 @@ from runtime.distributed import barrier, cleanup, init_distributed, split_range
 from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
 from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
+from sampling.folder import SampleFolderMismatchError, bind_sample_folder, folder_record
 from sampling.images import missing_indices, npz_name, save_pngs, write_npz_from_pngs
 from sampling.loading import SamplingSetupError, load_sampling_model
 from sampling.naming import amm_tag, sample_name
@@ -56,7 +58,8 @@ def sample_folder(args, loaded):
     """The folder whose name records every setting that changes the samples."""
     return os.path.join(args.output_dir, sample_name(
         loaded.model_name, args.ckpt, loaded.image_size, loaded.vae_name, args.cfg_scale,
-        args.sampler, args.num_sampling_steps, amm_tag(loaded.model.amm_blocks), args.global_seed,
+        args.sampler, args.num_sampling_steps, amm_tag(loaded.model.amm_blocks, loaded.model.amm_variant),
+        args.global_seed,
         CFG_CHANNELS[args.cfg_channels], args.mixed_precision,
         args.num_images if args.class_balanced else None))
 
@@ -68,6 +71,10 @@ def main(argv=None):
     try:
         loaded, labels = setup(args, context)
         folder = sample_folder(args, loaded)
+        try:
+            bind_sample_folder(folder, folder_record(loaded, args.ckpt, args.ckpt_key), write=context.is_main)
+        except SampleFolderMismatchError as error:
+            raise SystemExit(f"error: {error}" if context.is_main else 1)
         logger = create_logger(folder, context.is_main)
         logger.info(f"arguments: {vars(args)}")
 

@@ -1,8 +1,9 @@
 """The whole EDT pipeline in about five minutes on two CPU cores, offline, on the digits set that
 scikit-learn ships (1,797 8x8 images of 10 classes).
 
-    python quickstart.py                       # everything goes to quickstart_output/
+    python quickstart.py                       # everything goes to ./quickstart_output/
     python quickstart.py --train-steps 3000    # train longer
+    python path/to/quickstart.py               # from any folder; outputs go to ./quickstart_output/
 
 It prints each real command as it runs it: feature extraction on two processes, masked training
 with Adan and EMA, a class grid with and without AMM, 1,000 class-balanced samples per guidance
@@ -22,6 +23,7 @@ import time
 from digits.dataset import NUM_DIGIT_CLASSES, digits_as_uint8, write_image_folder
 from runtime.cli import require_at_least
 
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 MARKER = ".edt-quickstart"  # marks a folder this script made, so a re-run may clear it
 DIGIT_SIZE = 8
 CFG_SCALES = (1.0, 2.0)
@@ -53,6 +55,18 @@ def parse_args(argv=None):
 #                               Running the steps                               #
 #################################################################################
 
+def repo_script(name):
+    """A script of this repository, as a path from the working directory (where the outputs go)."""
+    return os.path.relpath(os.path.join(REPO_ROOT, name))
+
+
+def repo_environment():
+    """The environment with the repository importable, so that `python -m digits.evaluate`
+    works from any working directory."""
+    paths = [REPO_ROOT, os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
+
+
 def python_command(*args):
     return [sys.executable, *args]
 
@@ -63,8 +77,10 @@ def distributed_command(processes, *args):
 
 def run(command, title):
     shown = ["python" if part == sys.executable else part for part in command]
+    if os.path.abspath(os.getcwd()) != REPO_ROOT:
+        shown.insert(0, f"PYTHONPATH={repo_script('.')}")
     print(f"\n== {title}\n$ {shlex.join(shown)}", flush=True)
-    if subprocess.run(command).returncode:
+    if subprocess.run(command, env=repo_environment()).returncode:
         raise SystemExit(f"error: the step '{title}' failed (command above)")
 
 
@@ -99,7 +115,7 @@ def write_digits(out):
 
 
 def extract(args, train_dir, features):
-    run(distributed_command(args.processes, "extract_features.py", "--data-path", train_dir,
+    run(distributed_command(args.processes, repo_script("extract_features.py"), "--data-path", train_dir,
                             "--features-path", features, "--image-size", str(DIGIT_SIZE), "--vae", "none",
                             "--shard-size", "256", "--num-workers", "0"),
         "2. pixel features (no VAE at 8x8), two processes")
@@ -107,7 +123,7 @@ def extract(args, train_dir, features):
 
 def train(args, features, results):
     widths = [str(args.width)] * 5
-    run(python_command("train_mask_adan.py", "--feature-path", features, "--results-dir", results,
+    run(python_command(repo_script("train_mask_adan.py"), "--feature-path", features, "--results-dir", results,
                        "--model", "EDT", "--dims", *widths, "--num-heads", *["2"] * 5,
                        "--depths", *[str(args.blocks_per_stage)] * 5, "--patch-size", "1",
                        "--amm-blocks", *AMM_BLOCKS, "--no-flip", "--fused-mask-batch",
@@ -119,7 +135,8 @@ def train(args, features, results):
 
 
 def grid(args, checkpoint, grids):
-    run(python_command("image_generator.py", "--ckpt", checkpoint, "--class-labels", *map(str, range(NUM_DIGIT_CLASSES)),
+    run(python_command(repo_script("image_generator.py"), "--ckpt", checkpoint,
+                       "--class-labels", *map(str, range(NUM_DIGIT_CLASSES)),
                        "--samples-per-class", str(GRID_SAMPLES_PER_CLASS), "--cfg-scale", str(CFG_SCALES[-1]),
                        "--sampler", args.sampler, "--num-sampling-steps", str(args.sampling_steps),
                        "--compare-amm", "--amm",
@@ -128,7 +145,7 @@ def grid(args, checkpoint, grids):
 
 
 def sample(args, checkpoint, samples, cfg_scale):
-    run(distributed_command(args.processes, "image_generator_ddp.py", "--ckpt", checkpoint,
+    run(distributed_command(args.processes, repo_script("image_generator_ddp.py"), "--ckpt", checkpoint,
                             "--num-images", str(args.num_images), "--class-balanced",
                             "--cfg-scale", str(cfg_scale), "--sampler", args.sampler,
                             "--num-sampling-steps", str(args.sampling_steps),

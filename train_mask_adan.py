@@ -62,6 +62,8 @@ def parse_args(argv=None):
                        help="run the full and masked passes as one batch of 2B (faster; the same "
                             "in distribution, not bit-identical to the default two passes)")
     model.add_argument("--schedule-sampler", choices=list(SCHEDULE_SAMPLERS), default="loss-second-moment")
+    model.add_argument("--exact-decoder-nll", action="store_true",
+                       help="the t = 0 loss term with the exact normal CDF, not the released tanh approximation")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=1400)

@@ -29,11 +29,14 @@ def create_diffusion(
     rescale_learned_sigmas=False,
     diffusion_steps=1000,
     min_snr_gamma=5.0,
+    exact_decoder_nll=False,
 ):
     """A SpacedDiffusion as DiT builds it; `timestep_respacing` "" or None keeps every step.
 
     min_snr_gamma: Min-SNR-gamma weighting of the MSE term (EDT uses 5); None gives DiT's
     unweighted loss.
+    exact_decoder_nll: the decoder NLL at t = 0 with the exact normal CDF instead of the tanh
+    approximation that DiT and the EDT release (whose checkpoints were trained with it) use.
     """
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
@@ -56,4 +59,5 @@ def create_diffusion(
         model_var_type=model_var_type,
         loss_type=loss_type,
         min_snr_gamma=min_snr_gamma,
+        exact_decoder_nll=exact_decoder_nll,
     )

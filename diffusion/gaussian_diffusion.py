@@ -86,11 +86,13 @@ def min_snr_mse_weights(alphas_cumprod, gamma, model_mean_type):
 class GaussianDiffusion:
     """A diffusion over `len(betas)` steps. Schedule arrays are float64 numpy (T,), as in DiT."""
 
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, min_snr_gamma=None):
+    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, min_snr_gamma=None,
+                 exact_decoder_nll=False):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.min_snr_gamma = min_snr_gamma
+        self.exact_decoder_nll = exact_decoder_nll
 
         self.betas = np.asarray(betas, dtype=np.float64)
         if self.betas.ndim != 1 or not ((self.betas > 0) & (self.betas <= 1)).all():
@@ -245,7 +247,7 @@ class GaussianDiffusion:
         out = self._p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
         kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
         decoder_nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"], exact=self.exact_decoder_nll
         )
         return torch.where(t == 0, mean_flat(decoder_nll), mean_flat(kl)) / math.log(2.0)
 

@@ -11,14 +11,13 @@ wrote it. Each shard is three files, each written under a temporary name and ren
 
 `manifest.json` is written once every shard is finished and lists them in order.
 """
-import json
 import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.io import atomic_path
+from runtime.io import atomic_path, read_json, write_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -62,17 +61,6 @@ RECORD_NAME = re.compile(r"shard-(\d+)\.json")  # matches shard_file(index, "rec
 #################################################################################
 #                              Writing shards                                   #
 #################################################################################
-
-def write_json(path, content):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as file:
-            json.dump(content, file, indent=1)
-
-
-def read_json(path):
-    with open(path) as file:
-        return json.load(file)
-
 
 def write_shard(features_path, spec, features, labels, skipped, settings):
     """features: (n, 2, *feature_shape); labels: (n,); skipped: a list of

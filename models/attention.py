@@ -11,6 +11,10 @@ from .kept_tensor import KeptTensor
 from .onednn import PackedLinear
 
 MIN_AMM_GRID = 3  # the radius token (row 2, column n - 1) must exist
+# The release's two AMM functions: "256" for 256x256 images, "512" (commented "use for 512x512").
+AMM_VARIANTS = ("256", "512")
+DEFAULT_AMM_VARIANT = "256"
+AMM_512_AMPLITUDE = 1.3
 BEIT_CLASS_TOKEN_ROWS = 3  # BEiT's bias table rows for class-token pairs, kept by MDT
 # How a checkpoint stores the relative position bias: EDT's table has only the grid's rows and no
 # index; MDT's (BEiT's) has three more rows and its index table.
@@ -30,22 +34,31 @@ def grid_coordinates(grid_size):
     return torch.stack(torch.meshgrid(coords, coords, indexing="ij")).flatten(1).T
 
 
-def attention_modulation_matrix(grid_size):
-    """(T, T) AMM: M = exp(cos(2 pi d / P)) / 2 for the Euclidean token distance d with period
-    P = 4 (n - 1) sqrt(2), zeroed beyond the radius R = sqrt((n - 1)^2 + 4), i.e. wherever M is
-    below its value at the token (row 2, column n - 1) seen from token 0.
+def attention_modulation_matrix(grid_size, variant=DEFAULT_AMM_VARIANT):
+    """(T, T) AMM of the Euclidean token distance d with period P = 4 (n - 1) sqrt(2):
+    M = exp(cos(2 pi d / P)) / 2 (variant "256") or M = 1.3 cos(2 pi d / P) (variant "512"),
+    zeroed beyond the radius R = sqrt((n - 1)^2 + 4), i.e. wherever M is below its value at the
+    token (row 2, column n - 1) seen from token 0.
 
     Computed in float32 as the reference does, so the cut-off keeps exactly the same entries.
     """
     if grid_size < MIN_AMM_GRID:
         raise ValueError(f"the AMM needs a token grid of at least {MIN_AMM_GRID}x{MIN_AMM_GRID}, got {grid_size}x{grid_size}")
+    check_amm_variant(variant)
     coords = grid_coordinates(grid_size).float()
     distance = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1).sqrt()
     period = 4 * (grid_size - 1) * math.sqrt(2)
-    matrix = torch.exp(torch.cos(2 * math.pi / period * distance)) / 2
+    cosine = torch.cos(2 * math.pi / period * distance)
+    matrix = torch.exp(cosine) / 2 if variant == "256" else AMM_512_AMPLITUDE * cosine
     radius_token = 3 * grid_size - 1  # row 2, column n - 1
     threshold = matrix[0, radius_token]
     return torch.where(matrix < threshold, torch.zeros_like(matrix), matrix)
+
+
+def check_amm_variant(variant):
+    if variant not in AMM_VARIANTS:
+        raise ValueError(f"unknown AMM variant {variant!r}; choose from {', '.join(AMM_VARIANTS)}")
+    return variant
 
 
 #################################################################################
@@ -128,14 +141,16 @@ class Attention(nn.Module, FastPathSwitch):
         self.rel_pos_bias = (RelativePositionBias(grid_size, num_heads, **BIAS_LAYOUTS[bias_layout])
                              if relative_bias else None)
         self.register_buffer("amm", None, persistent=False)
+        self.amm_variant = None  # of the AMM built
 
-    def set_amm(self, enabled):
+    def set_amm(self, enabled, variant=DEFAULT_AMM_VARIANT):
         """Turns the AMM of this block on or off; the matrix is built once and kept as a buffer."""
         if not enabled:
             self.amm = None
-        elif self.amm is None:
+        elif self.amm is None or variant != self.amm_variant:
             device = self.qkv.weight.device
-            self.amm = attention_modulation_matrix(self.grid_size).to(device)
+            self.amm = attention_modulation_matrix(self.grid_size, variant).to(device)
+            self.amm_variant = variant
 
     def amm_active(self):
         return self.amm is not None and (self.amm_in_training or not self.training)

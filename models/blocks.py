@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from .attention import Attention
+from .attention import DEFAULT_AMM_VARIANT, Attention, check_amm_variant
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
 from .fast_paths import FastPathSwitch
 from .onednn import PackedLinear
@@ -121,6 +121,8 @@ class GuidedDiffusionModel(nn.Module):
 
     # The forward's keyword that turns on masked training (None: the model has none).
     masked_training_flag = None
+    # The AMM function of AMM blocks ("256" or "512"); see set_amm_blocks.
+    amm_variant = DEFAULT_AMM_VARIANT
     # Whether the forward takes `mask_start`, masking only part of the batch, so that a training
     # step can run its full-token and masked passes as one batch.
     fuses_masked_batch = False
@@ -169,13 +171,16 @@ class GuidedDiffusionModel(nn.Module):
         half_guided = uncond + scale * (cond - uncond)
         return torch.cat([torch.cat([half_guided, half_guided], dim=0), rest], dim=1)
 
-    def set_amm_blocks(self, block_indices):
-        """Enables the AMM in exactly these blocks (flat indices into `self.blocks`)."""
+    def set_amm_blocks(self, block_indices, variant=None):
+        """Enables the AMM in exactly these blocks (flat indices into `self.blocks`), with the AMM
+        function `variant` ("256" or "512"; None keeps the model's `amm_variant`)."""
         block_indices = sorted(set(block_indices or ()))
         if block_indices and not 0 <= block_indices[0] <= block_indices[-1] < len(self.blocks):
             raise ValueError(f"AMM block indices {block_indices} out of range for {len(self.blocks)} blocks")
+        if variant is not None:
+            self.amm_variant = check_amm_variant(variant)
         for index, block in enumerate(self.blocks):
-            block.attn.set_amm(index in block_indices)
+            block.attn.set_amm(index in block_indices, self.amm_variant)
 
     @property
     def amm_blocks(self):

@@ -6,6 +6,7 @@ the reference plug-in does.
 """
 import torch.nn as nn
 
+from .attention import DEFAULT_AMM_VARIANT
 from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, resolve_amm_blocks, unpatchify
 
 
@@ -23,6 +24,7 @@ class DiT(GuidedDiffusionModel):
         num_classes=1000,
         learn_sigma=True,
         amm_blocks=(),
+        amm_variant=DEFAULT_AMM_VARIANT,
         fast_paths=True,
     ):
         super().__init__()
@@ -35,7 +37,7 @@ class DiT(GuidedDiffusionModel):
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-        self.set_amm_blocks(amm_blocks)
+        self.set_amm_blocks(amm_blocks, amm_variant)
         self.set_fast_paths(fast_paths)
 
     def forward(self, x, t, y):

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import (LAYER_NORM_EPS, AdaLNBlock, FinalLayer, GuidedDiffusionModel, adaptive_modulation, modulate,
-                     unpatchify)
+                     resolve_amm_blocks, unpatchify)
 from .embeddings import sincos_buffer
 from .fast_paths import FastPathSwitch
 
@@ -16,6 +16,8 @@ NUM_DOWN_STAGES = NUM_STAGES // 2
 DOWN_MASK_RATIOS = ((0.4, 0.5), (0.1, 0.2))
 # EDT-XL's extra mask in stage 0, before this block; dropped tokens become the position embedding.
 STAGE0_MASK_RATIO = (0.15, 0.25)
+DEFAULT_INPUT_SIZE = 32  # latent side of 256x256 images
+LATENT_SIZE_512 = 64  # latent side of 512x512 images
 
 
 def token_keep_mask(x, ratio_range, mask_start=0):
@@ -96,14 +98,18 @@ class ConcatLayer(nn.Module, FastPathSwitch):
 
 class EDT(GuidedDiffusionModel):
     """Five stages at grids n, n/2, n/4, n/2, n (n = input_size / patch_size); `blocks` is the
-    flat list of all transformer blocks in stage order, which AMM block indices refer to."""
+    flat list of all transformer blocks in stage order, which AMM block indices refer to.
+
+    amm_variant: the AMM function, "256" or "512"; None picks the release's for the image size
+    (default_amm_variant).
+    """
 
     masked_training_flag = "enable_down_mask"
     fuses_masked_batch = True
 
     def __init__(
         self,
-        input_size=32,
+        input_size=DEFAULT_INPUT_SIZE,
         patch_size=2,
         in_channels=4,
         dims=(312, 416, 520, 416, 312),
@@ -114,6 +120,7 @@ class EDT(GuidedDiffusionModel):
         num_classes=1000,
         learn_sigma=True,
         amm_blocks=(),
+        amm_variant=None,
         stage0_mask_block=None,
         fast_paths=True,
     ):
@@ -143,7 +150,7 @@ class EDT(GuidedDiffusionModel):
                 grid //= 2
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-        self.set_amm_blocks(amm_blocks)
+        self.set_amm_blocks(amm_blocks, amm_variant or default_amm_variant(input_size))
         self.set_fast_paths(fast_paths)
 
     def forward(self, x, t, y, enable_down_mask=False, mask_start=0):
@@ -178,6 +185,12 @@ class EDT(GuidedDiffusionModel):
         return x * keep + (1 - keep) * self.pos_embed
 
 
+def default_amm_variant(input_size):
+    """The release's AMM function for this latent size: its "use for 512x512" one, 1.3 cos(f d),
+    at latent 64 (512x512 images), exp(cos(f d)) / 2 at every other size."""
+    return "512" if input_size == LATENT_SIZE_512 else "256"
+
+
 def check_stage_config(input_size, patch_size, dims, num_heads, depths):
     if not len(dims) == len(num_heads) == len(depths) == NUM_STAGES:
         raise ValueError(f"EDT has {NUM_STAGES} stages: dims, num_heads and depths need {NUM_STAGES} entries each")
@@ -208,14 +221,23 @@ EDT_AMM_PRESETS = {
     "B": {"default": (7, 10), "high_cfg": (8,)},
     "XL": {"default": (23, 25), "high_cfg": (24,)},
 }
+# At 512x512 the release's S/B arrangement is block 10 (its "for edt-s 512x512" line, in the
+# branch that S and B share); it gives none for XL, which keeps its 256x256 one.
+EDT_512_AMM_PRESETS = {"S": {"default": (10,)}, "B": {"default": (10,)}, "XL": {}}
+
+
+def edt_amm_presets(size, input_size):
+    if input_size == LATENT_SIZE_512:
+        return {**EDT_AMM_PRESETS[size], **EDT_512_AMM_PRESETS[size]}
+    return EDT_AMM_PRESETS[size]
 
 
 def edt_constructor(size, amm):
     def build(amm_blocks=None, **kwargs):
+        presets = edt_amm_presets(size, kwargs.get("input_size", DEFAULT_INPUT_SIZE))
         if amm_blocks is None:
-            amm_blocks = EDT_AMM_PRESETS[size]["default"] if amm else ()
-        elif isinstance(amm_blocks, str):
-            amm_blocks = EDT_AMM_PRESETS[size][amm_blocks]
+            amm_blocks = presets["default"] if amm else ()
+        amm_blocks = resolve_amm_blocks(f"EDT-{size}/2", amm_blocks, presets)
         return EDT(patch_size=2, amm_blocks=amm_blocks, **{**EDT_SIZES[size], **kwargs})
     return build
 

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .attention import DEFAULT_AMM_VARIANT
 from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, resolve_amm_blocks, unpatchify, zero_module_output
 
 TRAINING_MASK_RATIO = 0.3  # MDT's published training setting (its run.sh: --mask_ratio 0.30)
@@ -89,6 +90,7 @@ class MDTv2(GuidedDiffusionModel):
         mask_ratio=None,
         decode_layer=4,
         amm_blocks=(),
+        amm_variant=DEFAULT_AMM_VARIANT,
         fast_paths=True,
     ):
         super().__init__()
@@ -112,7 +114,7 @@ class MDTv2(GuidedDiffusionModel):
         self.decoder_pos_embed = nn.Parameter(self.pos_embed.detach().clone())
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.mask_ratio is not None)
         self.initialize_weights()
-        self.set_amm_blocks(amm_blocks)
+        self.set_amm_blocks(amm_blocks, amm_variant)
         self.set_fast_paths(fast_paths)
 
     @property

@@ -1,6 +1,8 @@
 """Checkpoint I/O: atomic saves, safe loads of the released layout, strict weight loading."""
 import argparse
+import hashlib
 import pickle
+import zipfile
 
 import torch
 
@@ -23,10 +25,16 @@ def save_checkpoint(state, path):
 def read_checkpoint(path):
     """torch.load with weights_only=True, allow-listing argparse.Namespace (the `args` entry of
     released checkpoints) and nothing else: anything more exotic is refused with a clear error
-    instead of silently unpickling arbitrary objects."""
+    instead of silently unpickling arbitrary objects.
+
+    A checkpoint in torch's zip format (torch.save since 1.6) is memory-mapped, copy-on-write:
+    a tensor is read from the file when it is used, so a reader that needs only `ema` never reads
+    the optimizer state, and a full load needs no second, private copy of the file in memory.
+    The legacy format cannot be mapped and is read whole.
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
@@ -48,6 +56,18 @@ def extract_state_dict(checkpoint, key="ema", path="checkpoint"):
     raise CheckpointError(f"{path} has no {key!r} weights (found: {found})")
 
 
+def state_dict_sha256(state_dict):
+    """sha256 hex digest of a state dict's weights: each key in sorted order with its dtype,
+    shape and raw bytes. The same weights give the same digest whatever file holds them (a raw
+    state dict or a training checkpoint, re-saved or not), the key order or the other entries."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}\t{tensor.dtype}\t{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def load_checkpoint(model, path, key="ema", model_name=None):
     """Loads a raw state dict or a training checkpoint's `key` weights ("ema" or "model") into
     `model` with strict key and shape checking; returns the whole checkpoint object."""
@@ -57,7 +77,8 @@ def load_checkpoint(model, path, key="ema", model_name=None):
 
 
 def load_weights(model, checkpoint, key="ema", source="checkpoint", model_name=None):
-    """load_checkpoint for a checkpoint already read with read_checkpoint."""
+    """load_checkpoint for a checkpoint already read with read_checkpoint; returns the state
+    dict loaded."""
     state_dict = extract_state_dict(checkpoint, key, source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -74,6 +95,7 @@ def load_weights(model, checkpoint, key="ema", source="checkpoint", model_name=N
             f"{len(mismatched)} shape mismatches {summarise(mismatched)}"
         )
     model.load_state_dict(state_dict, strict=True)
+    return state_dict
 
 
 def summarise(names, shown=5):

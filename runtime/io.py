@@ -1,5 +1,6 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint, shard or npz."""
+"""Atomic file writes: a reader never sees a half-written checkpoint, shard, npz or manifest."""
 import contextlib
+import json
 import os
 
 
@@ -20,3 +21,14 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, content):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as file:
+            json.dump(content, file, indent=1)
+
+
+def read_json(path):
+    with open(path) as file:
+        return json.load(file)

@@ -1,4 +1,5 @@
 """Command-line options shared by the two sampling scripts."""
+from models.attention import AMM_VARIANTS
 from runtime.vae import VAE_NAMES
 
 from .loading import AMM_PRESET
@@ -28,6 +29,9 @@ def add_model_arguments(parser, default_model=None):
     amm.add_argument("--no-amm", dest="amm", action="store_const", const=[], help="no AMM block")
     amm.add_argument("--amm-blocks", dest="amm", type=int, nargs="+", metavar="INDEX",
                      help="AMM in exactly these blocks (flat indices)")
+    parser.add_argument("--amm-variant", choices=AMM_VARIANTS, default=None,
+                        help="the AMM function: 256, exp(cos(f d)) / 2, or 512, 1.3 cos(f d); default: "
+                             "the model's, as released: 512 for EDT at 512x512 (latent 64), else 256")
 
 
 def add_sampling_arguments(parser, cfg_scale):
@@ -57,4 +61,4 @@ def loader_kwargs(args):
     """load_sampling_model's arguments from the parsed options."""
     return dict(ckpt=args.ckpt, model_name=args.model, image_size=args.image_size,
                 num_classes=args.num_classes, vae_name=args.vae, vae_path=args.vae_path,
-                ckpt_key=args.ckpt_key, amm=args.amm, compile_model=args.compile)
+                ckpt_key=args.ckpt_key, amm=args.amm, amm_variant=args.amm_variant, compile_model=args.compile)

@@ -12,7 +12,7 @@ import torch
 
 from models import ALL_MODELS, build_model, create_model
 from runtime import vae as vae_lib
-from runtime.checkpoint import load_weights, read_checkpoint
+from runtime.checkpoint import load_weights, read_checkpoint, state_dict_sha256
 
 from .sampler import compile_forward
 
@@ -35,6 +35,7 @@ class SamplingModel:
     vae_name: str  # "ema", "mse" or "none" (pixel space)
     vae: object  # the AutoencoderKL, or None in pixel space
     latent_shape: tuple  # (C, h, w) the model samples
+    weights_sha256: str  # of the weights loaded (runtime.checkpoint.state_dict_sha256)
 
     @property
     def dtype(self):
@@ -50,13 +51,14 @@ class SamplingModel:
 #################################################################################
 
 def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None, vae_name=None,
-                        vae_path=None, ckpt_key="ema", amm=None, device="cpu", default_model_name=None,
-                        compile_model=False):
+                        vae_path=None, ckpt_key="ema", amm=None, amm_variant=None, device="cpu",
+                        default_model_name=None, compile_model=False):
     """Reads the checkpoint, loads the VAE, builds the model with its AMM setting, loads the
     weights strictly and returns a SamplingModel in eval mode on `device`.
 
     amm: None keeps the model's own setting, "default" its published preset, a list of block
-    indices those blocks ([] none). default_model_name is used for a checkpoint that does not
+    indices those blocks ([] none); amm_variant "256" or "512" (None: the model's default for its
+    size). default_model_name is used for a checkpoint that does not
     record its model when model_name is None; compile_model compiles its forward. Raises
     CheckpointError, VAENotFoundError or SamplingSetupError with a message for the user.
     """
@@ -69,18 +71,19 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
 
     if recorded:
         model_name = recorded_model_name(recorded["model_config"], model_name)
-        model = build_recorded_model(recorded["model_config"], num_classes, amm)
+        model = build_recorded_model(recorded["model_config"], num_classes, amm, amm_variant)
     elif (model_name or default_model_name) is None:
         raise SamplingSetupError(f"{ckpt} does not record its model: name it with --model")
     else:
         model_name = model_name or default_model_name
-        model = build_released_model(model_name, latent_shape, num_classes, amm)
+        model = build_released_model(model_name, latent_shape, num_classes, amm, amm_variant)
     check_input_shape(model, model_name, latent_shape, image_size, vae_name)
-    load_weights(model, checkpoint, key=ckpt_key, source=ckpt, model_name=model_name)
+    weights = load_weights(model, checkpoint, key=ckpt_key, source=ckpt, model_name=model_name)
+    weights_sha256 = state_dict_sha256(weights)
     model = model.to(device).eval()
     if compile_model:
         compile_forward(model)
-    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape)
+    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape, weights_sha256)
 
 
 def sampled_shape(vae, image_size):
@@ -98,22 +101,24 @@ def sampled_shape(vae, image_size):
 #                                Model building                                 #
 #################################################################################
 
-def amm_kwargs(model_name, amm, recorded_blocks=None):
-    """The `amm_blocks` argument for the model constructor; {} keeps the model's default."""
+def amm_kwargs(model_name, amm, amm_variant=None, recorded_blocks=None):
+    """The `amm_blocks` and `amm_variant` arguments for the model constructor; {} keeps the
+    model's defaults."""
+    kwargs = {} if amm_variant is None else {"amm_variant": amm_variant}
     if amm is None:
-        return {}
+        return kwargs
     if amm == AMM_PRESET and model_name not in ALL_MODELS:
         # A custom-size model has no published preset; its recorded blocks are its default.
         if not recorded_blocks:
             raise SamplingSetupError(f"{model_name} has no AMM preset: choose blocks with --amm-blocks")
-        return {"amm_blocks": list(recorded_blocks)}
-    return {"amm_blocks": amm}
+        return {**kwargs, "amm_blocks": list(recorded_blocks)}
+    return {**kwargs, "amm_blocks": amm}
 
 
-def build_released_model(model_name, latent_shape, num_classes, amm):
+def build_released_model(model_name, latent_shape, num_classes, amm, amm_variant=None):
     channels, side, _ = latent_shape
     kwargs = dict(input_size=side, in_channels=channels, num_classes=num_classes or DEFAULT_NUM_CLASSES)
-    return construct(create_model, model_name, **kwargs, **amm_kwargs(model_name, amm))
+    return construct(create_model, model_name, **kwargs, **amm_kwargs(model_name, amm, amm_variant))
 
 
 def recorded_model_name(config, requested):
@@ -123,13 +128,13 @@ def recorded_model_name(config, requested):
     return config["name"]
 
 
-def build_recorded_model(config, num_classes, amm):
+def build_recorded_model(config, num_classes, amm, amm_variant=None):
     kwargs = dict(config["kwargs"])
     recorded_classes = kwargs.get("num_classes", DEFAULT_NUM_CLASSES)
     if num_classes is not None and num_classes != recorded_classes:
         raise SamplingSetupError(f"the checkpoint's model has {recorded_classes} classes, "
                                  f"not --num-classes {num_classes}")
-    kwargs.update(amm_kwargs(config["name"], amm, kwargs.get("amm_blocks")))
+    kwargs.update(amm_kwargs(config["name"], amm, amm_variant, kwargs.get("amm_blocks")))
     return construct(build_model, {"name": config["name"], "kwargs": kwargs})
 
 

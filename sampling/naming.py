@@ -2,6 +2,8 @@
 name, so runs with different settings (AMM on or off, step counts, ...) never share a folder."""
 import os
 
+from models.attention import DEFAULT_AMM_VARIANT
+
 
 def model_tag(model_name):
     return model_name.replace("/", "-")
@@ -11,14 +13,18 @@ def checkpoint_tag(ckpt):
     return os.path.splitext(os.path.basename(ckpt))[0]
 
 
-def amm_tag(amm_blocks):
-    """"amm7.10" for AMM in blocks 7 and 10, "noamm" without."""
-    return "amm" + ".".join(str(index) for index in amm_blocks) if amm_blocks else "noamm"
+def amm_tag(amm_blocks, variant=DEFAULT_AMM_VARIANT):
+    """"amm7.10" for AMM in blocks 7 and 10, "amm10-v512" for the 512 AMM function in block
+    10, "noamm" without."""
+    if not amm_blocks:
+        return "noamm"
+    blocks = "amm" + ".".join(str(index) for index in amm_blocks)
+    return blocks if variant == DEFAULT_AMM_VARIANT else f"{blocks}-v{variant}"
 
 
-def comparison_tag(amm_blocks):
+def comparison_tag(amm_blocks, variant=DEFAULT_AMM_VARIANT):
     """"amm7.10-vs-noamm": a with- and without-AMM comparison."""
-    return f"{amm_tag(amm_blocks)}-vs-{amm_tag([])}"
+    return f"{amm_tag(amm_blocks, variant)}-vs-{amm_tag([])}"
 
 
 def sample_name(model_name, ckpt, image_size, vae, cfg_scale, sampler, num_steps, amm,

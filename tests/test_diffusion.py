@@ -132,12 +132,12 @@ def test_posterior_equals_bayes_rule():
 #                              Variational Bound                                #
 #################################################################################
 
-def test_decoder_likelihood_matches_normal_cdf():
+def test_exact_decoder_likelihood_matches_normal_cdf():
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)  # every bin centre
     for mean, log_scale in [(0.3, math.log(0.2)), (-0.95, math.log(0.01))]:
         log_probs = discretized_gaussian_log_likelihood(
             bins, means=torch.tensor(mean, dtype=torch.float64),
-            log_scales=torch.tensor(log_scale, dtype=torch.float64),
+            log_scales=torch.tensor(log_scale, dtype=torch.float64), exact=True,
         )
         assert torch.exp(log_probs).sum().item() == pytest.approx(1.0, abs=1e-9)
     # Deep in the upper tail, where a difference of CDFs would round to zero.
@@ -147,9 +147,29 @@ def test_decoder_likelihood_matches_normal_cdf():
     expected = log_sf_lower + math.log1p(-math.exp(log_sf_upper - log_sf_lower))
     log_prob = discretized_gaussian_log_likelihood(
         torch.tensor(x, dtype=torch.float64), means=torch.tensor(mean, dtype=torch.float64),
-        log_scales=torch.tensor(math.log(scale), dtype=torch.float64),
+        log_scales=torch.tensor(math.log(scale), dtype=torch.float64), exact=True,
     )
     assert log_prob.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_default_decoder_likelihood_is_the_released_tanh_approximation():
+    bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for mean, scale in [(0.3, 0.2), (-0.95, 0.01), (0.5, 0.004)]:
+        means = torch.tensor(mean, dtype=torch.float64)
+        log_scales = torch.tensor(math.log(scale), dtype=torch.float64)
+        approx = discretized_gaussian_log_likelihood(bins, means=means, log_scales=log_scales)
+        # 1 + tanh cancels in the far tails, where numpy's tanh and torch's differ in the last bit.
+        np.testing.assert_allclose(approx, _log_discretized_tanh(bins.numpy(), mean, scale), rtol=1e-6)
+        assert torch.exp(approx).sum().item() == pytest.approx(1.0, abs=1e-9)  # the bins telescope
+        exact = discretized_gaussian_log_likelihood(bins, means=means, log_scales=log_scales, exact=True)
+        # An approximation: the CDF is off by up to about 2e-4, a tenth of a nat in bins of P ~ 1e-3.
+        likely = exact > math.log(1e-3)
+        assert 0 < (approx - exact)[likely].abs().max() < 0.2
+    # Far in a tail the approximation's probability is floored at 1e-12, as released.
+    log_prob = discretized_gaussian_log_likelihood(
+        torch.tensor(0.5, dtype=torch.float64), means=torch.tensor(-0.5, dtype=torch.float64),
+        log_scales=torch.tensor(math.log(0.1), dtype=torch.float64))
+    assert log_prob.item() == pytest.approx(math.log(1e-12), rel=1e-12)
 
 
 def _log_discretized_normal(x, mean, std):
@@ -161,8 +181,27 @@ def _log_discretized_normal(x, mean, std):
     return np.where(x < -0.999, special.log_ndtr(upper), highest)
 
 
-def test_vb_is_decoder_nll_at_zero_and_gaussian_kl_after():
-    diffusion = create_diffusion("", min_snr_gamma=None)
+def _tanh_normal_cdf(z):
+    """ADM's approximation of the normal CDF, from its definition."""
+    return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+
+
+def _log_discretized_tanh(x, mean, std):
+    """_log_discretized_normal as ADM, DiT and the EDT release compute it: the tanh CDF, each
+    bin's probability floored at 1e-12 before the logarithm."""
+    cdf_upper = _tanh_normal_cdf((x + 1 / 255 - mean) / std)
+    cdf_lower = _tanh_normal_cdf((x - 1 / 255 - mean) / std)
+    floored_log = lambda p: np.log(np.maximum(p, 1e-12))  # noqa: E731
+    highest = np.where(x > 0.999, floored_log(1 - cdf_lower), floored_log(cdf_upper - cdf_lower))
+    return np.where(x < -0.999, floored_log(cdf_upper), highest)
+
+
+@pytest.mark.parametrize("options, log_likelihood", [
+    ({}, _log_discretized_tanh),  # the default: the released decoder likelihood
+    ({"exact_decoder_nll": True}, _log_discretized_normal),
+])
+def test_vb_is_decoder_nll_at_zero_and_gaussian_kl_after(options, log_likelihood):
+    diffusion = create_diffusion("", min_snr_gamma=None, **options)
     alphas_cumprod, betas = linear_alphas_cumprod()
     generator = torch.Generator().manual_seed(2)
     steps = np.array([0, 0, 1, 7, 500, 999])
@@ -193,7 +232,7 @@ def test_vb_is_decoder_nll_at_zero_and_gaussian_kl_after():
         var_q = 1 / ((1 - beta) / beta + 1 / (1 - ab_prev))
         mean_q = var_q * (np.sqrt(1 - beta) * x_t / beta + np.sqrt(ab_prev) * x0 / (1 - ab_prev))
         kl = 0.5 * (np.log(var_p / var_q) + (var_q + (mean_q - mean_p) ** 2) / var_p - 1)
-    nll = -_log_discretized_normal(x0, mean_p, np.sqrt(var_p))
+    nll = -log_likelihood(x0, mean_p, np.sqrt(var_p))
     per_sample = lambda a: a.reshape(len(steps), -1).mean(1) / math.log(2)  # noqa: E731
     expected_vb = np.where(steps == 0, per_sample(nll), per_sample(kl))
     np.testing.assert_allclose(terms["vb"].detach(), expected_vb, rtol=1e-7)

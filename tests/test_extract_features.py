@@ -18,6 +18,7 @@ import extract_features
 from latents import LatentDataset
 from runtime.seeding import item_generator
 from latents.shards import MANIFEST_NAME, open_shard, read_manifest, shard_file
+from runtime.checkpoint import state_dict_sha256
 from runtime.distributed import split_range
 from runtime.transforms import center_crop_arr
 from runtime.vae import LATENT_SCALE, load_vae
@@ -243,6 +244,19 @@ def test_missing_vae_and_changed_settings_are_refused(workspace, one_process, tm
         extract_features.main(extract_args(workspace["images"], one_process, workspace["vae"],
                                            "--global-seed", str(SEED + 1)))
     assert (one_process / MANIFEST_NAME).read_text() == manifest_before
+
+
+def test_resume_refuses_shards_of_other_vae_weights(workspace, one_process, tmp_path):
+    """Two VAE folders of the same name (sd-vae-ft-ema), other weights: one clear error."""
+    vae = load_vae("ema", workspace["vae"])
+    assert read_manifest(one_process)["settings"]["vae_weights_sha256"] == state_dict_sha256(vae.state_dict())
+    other_vae = save_tiny_vae(str(tmp_path / "other" / "sd-vae-ft-ema"), seed=1)
+    before = {name: os.stat(one_process / name).st_mtime_ns for name in os.listdir(one_process)}
+    with pytest.raises(SystemExit) as raised:
+        extract_features.main(extract_args(workspace["images"], one_process, other_vae))
+    error = str(raised.value)
+    assert error.startswith("error: ") and "other settings (vae_weights_sha256: " in error and "\n" not in error
+    assert {name: os.stat(one_process / name).st_mtime_ns for name in os.listdir(one_process)} == before
 
 
 def test_dataset_shapes_dtypes_and_flips(one_process):

@@ -3,9 +3,11 @@ import argparse
 import collections
 import copy
 import fractions
+import gc
 import json
 import math
 import os
+import zipfile
 import zlib
 
 import numpy as np
@@ -18,7 +20,7 @@ from models import (ALL_MODELS, EDT_models, build_model, count_macs, count_train
 from models import attention as attention_module
 from models.dit import DiT
 from models.edt import EDT
-from runtime.checkpoint import CheckpointError, save_checkpoint
+from runtime.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "reference")
 with open(os.path.join(REFERENCE_DIR, "checkpoint_format.json")) as f:
@@ -170,12 +172,19 @@ def test_cfg_guides_first_three_channels_or_all(reference_outputs):
 #                       Attention Modulation Matrix                             #
 #################################################################################
 
-@pytest.mark.parametrize("n", [4, 8, 16])
-def test_amm_follows_formula(n):
-    amm = attention_modulation_matrix_numpy = attention_module.attention_modulation_matrix(n).double().numpy()
+AMM_FUNCTIONS = {  # of the cosine, the release's two functions
+    "256": lambda cosine: np.exp(cosine) / 2,
+    "512": lambda cosine: 1.3 * cosine,
+}
+
+
+@pytest.mark.parametrize("variant", sorted(AMM_FUNCTIONS))
+@pytest.mark.parametrize("n", [4, 8, 16, 32])
+def test_amm_follows_formula(n, variant):
+    amm = attention_modulation_matrix_numpy = attention_module.attention_modulation_matrix(n, variant).double().numpy()
     rows, cols = np.divmod(np.arange(n * n), n)
     distance = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])
-    formula = np.exp(np.cos(2 * np.pi * distance / (4 * (n - 1) * math.sqrt(2)))) / 2
+    formula = AMM_FUNCTIONS[variant](np.cos(2 * np.pi * distance / (4 * (n - 1) * math.sqrt(2))))
     radius = math.sqrt((n - 1) ** 2 + 4)
     inside = distance <= radius + 1e-9
     np.testing.assert_allclose(attention_modulation_matrix_numpy[inside], formula[inside], rtol=1e-6)
@@ -187,6 +196,40 @@ def test_amm_follows_formula(n):
 def test_amm_needs_a_grid_with_the_radius_token():
     with pytest.raises(ValueError, match="at least 3x3"):
         attention_module.attention_modulation_matrix(2)
+    with pytest.raises(ValueError, match="unknown AMM variant '1024'"):
+        attention_module.attention_modulation_matrix(8, "1024")
+
+
+def test_512_models_default_to_the_released_512_amm():
+    with torch.device("meta"):
+        for name, blocks_256, blocks_512 in (("EDT-S/2", [7, 10], [10]), ("EDT-B/2", [7, 10], [10]),
+                                             ("EDT-XL/2", [23, 25], [23, 25])):
+            at_256, at_512 = create_model(name), create_model(name, input_size=64)
+            assert (at_256.amm_blocks, at_256.amm_variant) == (blocks_256, "256")
+            assert (at_512.amm_blocks, at_512.amm_variant) == (blocks_512, "512")
+            assert at_512.blocks[blocks_512[0]].attn.grid_size == 32
+        assert create_model("EDT-S/2", input_size=64, amm_variant="256").amm_variant == "256"
+        assert create_model("EDT-S/2", amm_variant="512").amm_variant == "512"
+        assert create_model("DiT-XL/2", input_size=64, amm_blocks="default").amm_variant == "256"
+        assert create_model("MDTv2-S/2", amm_blocks="default", amm_variant="512").amm_variant == "512"
+    with pytest.raises(ValueError, match="unknown AMM variant"):
+        tiny_edt(amm_blocks=[3], amm_variant="1024")
+
+
+def test_amm_variant_changes_the_matrix_and_the_outputs():
+    model = randomize(tiny_edt(input_size=64, amm_blocks=[5])).eval()  # last stage: grid 32, as EDT /2 at 512
+    assert model.amm_variant == "512"
+    torch.testing.assert_close(model.blocks[5].attn.amm, attention_module.attention_modulation_matrix(32, "512"))
+    x, t, y = model_inputs(size=64)
+    with torch.no_grad():
+        out_512 = model(x, t, y)
+        model.set_amm_blocks([5], variant="256")
+        out_256 = model(x, t, y)
+    assert model.amm_variant == "256" and out_256.shape == (4, 8, 64, 64)
+    torch.testing.assert_close(model.blocks[5].attn.amm, attention_module.attention_modulation_matrix(32, "256"))
+    assert not torch.allclose(out_256, out_512, atol=1e-4)
+    model.set_amm_blocks([5, 6])  # keeps the variant
+    assert model.blocks[6].attn.amm_variant == "256"
 
 
 def test_edt_amm_only_in_eval_mode_and_dit_amm_always():
@@ -432,6 +475,37 @@ def test_load_checkpoint_raw_and_training_layouts(tmp_path):
     torch.testing.assert_close(target.state_dict(), source_model.state_dict())
     load_checkpoint(target, tmp_path / "raw.pt")
     torch.testing.assert_close(target.state_dict(), source_model.state_dict())
+
+
+def resident_kib(kind):
+    """This process's resident memory of one kind ("RssAnon", "RssFile"), in KiB (Linux)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{kind}:"))
+
+
+def test_read_checkpoint_maps_zip_checkpoints_and_reads_legacy_ones(tmp_path):
+    ema, optimizer_state = {"w": torch.randn(1000)}, torch.randn(16 * 2 ** 20)  # 64 MiB of optimizer state
+    path = tmp_path / "train.pt"
+    save_checkpoint({"ema": ema, "opt": {"state": optimizer_state}, "args": argparse.Namespace(epochs=1)}, path)
+    gc.collect()
+    before = resident_kib("RssAnon")
+    checkpoint = read_checkpoint(path)
+    torch.testing.assert_close(checkpoint["ema"]["w"], ema["w"])
+    assert resident_kib("RssAnon") - before < 16 * 1024  # the optimizer state stays in the file
+    torch.testing.assert_close(checkpoint["opt"]["state"], optimizer_state)  # read on use
+    # Copy-on-write: a change to a loaded tensor stays in memory, and a file saved over the
+    # checkpoint leaves what was loaded as it was.
+    checkpoint["ema"]["w"].zero_()
+    torch.testing.assert_close(read_checkpoint(path)["ema"]["w"], ema["w"])
+    save_checkpoint({"ema": {"w": torch.ones(1000)}}, path)
+    torch.testing.assert_close(checkpoint["opt"]["state"], optimizer_state)
+
+    legacy = tmp_path / "legacy.pt"  # the format before torch 1.6, which cannot be mapped
+    torch.save({"ema": ema, "args": argparse.Namespace(epochs=1)}, legacy, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy)
+    legacy_checkpoint = read_checkpoint(legacy)
+    assert legacy_checkpoint["args"].epochs == 1
+    torch.testing.assert_close(legacy_checkpoint["ema"]["w"], ema["w"])
 
 
 def test_load_checkpoint_errors(tmp_path):

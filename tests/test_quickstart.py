@@ -1,5 +1,6 @@
 """The README's main command end to end, on a shorter schedule: every script of the pipeline
-runs for real (two-process extraction and sampling included) on the digits set."""
+runs for real (two-process extraction and sampling included) on the digits set, started from
+another folder than the repository's, whose ./quickstart_output receives everything."""
 import json
 import os
 
@@ -8,13 +9,16 @@ import pytest
 from PIL import Image
 
 import quickstart
+from digits.dataset import digits_as_uint8
+from latents.shards import read_manifest
 
 CHANCE = 1 / 10
 
 
-def test_quickstart_runs_the_whole_pipeline(tmp_path):
-    out = tmp_path / "quickstart"
-    results = quickstart.main(["--output-dir", str(out), "--train-steps", "600", "--num-images", "200",
+def test_quickstart_runs_the_whole_pipeline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "quickstart_output"  # the default --output-dir, in the working directory
+    results = quickstart.main(["--train-steps", "600", "--num-images", "200",
                                "--sampler", "ddim", "--sampling-steps", "20"])
     with open(out / "digits_metrics.json") as f:
         assert json.load(f) == results
@@ -35,6 +39,27 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     assert len(comparison) == 1
     width, height = Image.open(out / "grids" / comparison[0]).size
     assert height > 10 * 8 * quickstart.GRID_ZOOM and width > 2 * height
+
+
+def test_quickstart_steps_run_from_any_folder(tmp_path, monkeypatch):
+    """The cheap steps for real from outside the repository: the digits, the extraction (a
+    repository script, on one process) and the evaluation (a repository module)."""
+    monkeypatch.chdir(tmp_path)
+    args = quickstart.parse_args(["--processes", "1"])
+    quickstart.prepare_output_dir(args.output_dir)
+    train_dir = quickstart.write_digits(args.output_dir)
+    quickstart.extract(args, train_dir, os.path.join(args.output_dir, "features"))
+    (train_images, _), _ = digits_as_uint8()
+    assert read_manifest(tmp_path / "quickstart_output" / "features")["count"] == len(train_images)
+
+    (_, _), (held_out, held_out_labels) = digits_as_uint8()
+    npz_files = []
+    for scale in quickstart.CFG_SCALES:  # real digits stand in for the samples
+        npz_files.append(str(tmp_path / f"real-{scale}.npz"))
+        np.savez(npz_files[-1], np.repeat(held_out[..., None], 3, axis=-1), held_out_labels)
+    results = quickstart.evaluate(npz_files, "quickstart_output/digits_metrics.json")
+    assert results["samples cfg 1.0"]["accuracy"] == results["real held-out"]["accuracy"] > 0.9
+    assert (tmp_path / "quickstart_output" / "digits_metrics.json").exists()
 
 
 def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):

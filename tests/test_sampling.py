@@ -3,7 +3,9 @@ pixel-space model: the npz does not depend on the process count or the batch siz
 interrupted run resumes to the same npz, guidance and AMM do what they say, bad input fails with
 one clear line, and the grid script compares AMM on and off from the same noise."""
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,9 +18,10 @@ import image_generator
 import image_generator_ddp
 import sampling.images
 from models import create_model, model_config
+from runtime.checkpoint import state_dict_sha256
 from sampling.images import GRID_PADDING, make_grid, npz_name, side_by_side, to_uint8
 from sampling.loading import SamplingSetupError, build_released_model, load_sampling_model
-from sampling.naming import amm_tag, sample_name
+from sampling.naming import amm_tag, comparison_tag, sample_name
 from sampling.sampler import Sampler, all_labels, batch_inputs, guided_model_fn
 from launch import free_port
 from tiny_vae import TINY_VAE_DOWNSAMPLING, save_tiny_vae
@@ -110,7 +113,8 @@ def test_npz_has_exact_count_shape_dtype_and_labels(reference):
     assert len(set(labels.tolist())) > 1
     assert 20 < images.std() and ((images == 0) | (images == 255)).mean() < 0.1  # not saturated
     folder = reference.parent
-    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(NUM_IMAGES)] + ["log.txt", reference.name]
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(NUM_IMAGES)] + ["log.txt", "manifest.json",
+                                                                                     reference.name]
     assert np.array_equal(np.asarray(Image.open(folder / "000003.png")), images[3])
 
 
@@ -145,7 +149,7 @@ def test_interrupted_run_resumes_to_the_same_npz(files, reference, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         image_generator_ddp.main(ddp_args(files, tmp_path, "--per-proc-batch-size", "3"))
     folder = tmp_path / EXPECTED_FOLDER
-    assert sorted(os.listdir(folder)) == sorted(written) + ["log.txt"]  # no npz, no temporary files
+    assert sorted(os.listdir(folder)) == sorted(written) + ["log.txt", "manifest.json"]  # no npz, no temporary files
 
     def counting(path, image):
         save_png(path, image)
@@ -159,6 +163,41 @@ def test_interrupted_run_resumes_to_the_same_npz(files, reference, tmp_path, mon
     image_generator_ddp.main(ddp_args(files, tmp_path, "--per-proc-batch-size", "3"))
     assert len(written) == NUM_IMAGES  # a finished folder samples nothing
     assert read_bytes(folder / reference.name) == read_bytes(reference)
+
+
+def test_a_sample_folder_resumes_only_from_the_same_weights(files, tmp_path):
+    """Two runs' checkpoints share the file name 0000100.pt; the folder's manifest tells them apart."""
+    image_generator_ddp.main(ddp_args(files, tmp_path / "samples", "--num-images", "4"))
+    folder = tmp_path / "samples" / EXPECTED_FOLDER
+    first_weights = torch.load(files["ckpt"])["ema"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["weights_sha256"] == state_dict_sha256(first_weights) and manifest["ckpt_key"] == "ema"
+    before = {name: os.stat(folder / name).st_mtime_ns for name in os.listdir(folder)}
+    assert len([name for name in before if name.endswith(".png")]) == 4
+
+    other_run = tmp_path / "other-run"
+    other_run.mkdir()
+    other = str(other_run / "0000100.pt")  # its EMA differs, its raw weights are the first run's EMA
+    checkpoint = torch.load(files["ckpt"])
+    other_weights = random_state_dict(create_model("EDT", **tiny_edt_kwargs()), seed=1)
+    checkpoint["model"], checkpoint["ema"] = first_weights, other_weights
+    torch.save(checkpoint, other)
+    with pytest.raises(SystemExit) as exit_info:
+        image_generator_ddp.main(ddp_args(files, tmp_path / "samples", ckpt=other))
+    error = str(exit_info.value.code)
+    assert error.startswith("error: ") and "holds samples of other weights" in error and "\n" not in error
+    assert {name: os.stat(folder / name).st_mtime_ns for name in os.listdir(folder)} == before  # nothing written
+
+    # The same weights under another file resume the folder: here the other run's raw weights.
+    image_generator_ddp.main(ddp_args(files, tmp_path / "samples", "--ckpt-key", "model", ckpt=other))
+    assert len([name for name in os.listdir(folder) if name.endswith(".png")]) == NUM_IMAGES
+
+    unknown = tmp_path / "unknown" / EXPECTED_FOLDER  # samples from before folders had a manifest
+    unknown.mkdir(parents=True)
+    shutil.copy(folder / "000000.png", unknown)
+    with pytest.raises(SystemExit, match="holds samples but no manifest.json"):
+        image_generator_ddp.main(ddp_args(files, tmp_path / "unknown"))
+    assert os.listdir(unknown) == ["000000.png"]
 
 
 def test_pixel_space_model_and_class_balanced_labels(files, tmp_path):
@@ -251,6 +290,8 @@ def test_names_record_every_setting():
                        amm_tag([7, 10]), 0)
     assert name == "EDT-S-2-0400000-size-256-vae-ema-cfg-1.0-ddpm250-amm7.10-seed-0"
     assert sample_name("EDT-S/2", "0400000.pt", 256, "ema", 1.0, "ddpm", 250, amm_tag([]), 0) != name
+    assert amm_tag([10], "512") == "amm10-v512" and amm_tag([], "512") == "noamm"
+    assert comparison_tag([10], "512") == "amm10-v512-vs-noamm"
     assert sample_name("DiT-XL/2", "DiT-XL-2-256x256.pt", 256, "mse", 4.0, "ddim", 50, amm_tag([]), 3,
                        cfg_channels=None, precision="bf16", balanced_images=1000) == (
         "DiT-XL-2-DiT-XL-2-256x256-size-256-vae-mse-cfg-4.0-ddim50-noamm-seed-3-guide-all-amp-bf16-balanced-1000")

@@ -15,6 +15,7 @@ import torch
 
 import models
 import train_mask_adan
+import training.build
 from diffusion import create_diffusion
 from latents import LatentDataset
 from latents.shards import plan_shards, write_manifest, write_shard
@@ -165,6 +166,19 @@ def test_gradient_checkpointing_changes_nothing(features, tmp_path):
                        "--grad-checkpointing")
     assert_same_tree(plain.model.state_dict(), recomputed.model.state_dict(), "model")
     assert_same_tree(plain.optimizer.state_dict(), recomputed.optimizer.state_dict(), "opt")
+
+
+def test_exact_decoder_nll_is_an_option_of_the_training_diffusion(features, tmp_path, monkeypatch):
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(create_diffusion(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(training.build, "create_diffusion", recording)
+    train(features, tmp_path / "released", "--global-batch-size", "4", "--max-steps", "1")
+    train(features, tmp_path / "exact", "--global-batch-size", "4", "--max-steps", "1", "--exact-decoder-nll")
+    assert [diffusion.exact_decoder_nll for diffusion in built] == [False, True]
 
 
 @pytest.fixture(scope="module")

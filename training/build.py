@@ -43,7 +43,7 @@ def build_training(args, config, run):
     ema = create_ema(model)
     optimizer = Adan(model.parameters(), lr=args.init_lr, betas=ADAN_BETAS, eps=ADAN_EPS,
                      weight_decay=0.0)
-    diffusion = create_diffusion(timestep_respacing="")
+    diffusion = create_diffusion(timestep_respacing="", exact_decoder_nll=args.exact_decoder_nll)
     state = TrainState(model, ema, optimizer, create_named_schedule_sampler(args.schedule_sampler, diffusion),
                        grad_scaler=run.accelerator.scaler, description=describe_run(args, config))
     if run.resume_checkpoint is not None:

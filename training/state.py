@@ -5,6 +5,7 @@ A checkpoint holds the model, its EMA, the optimizer, the timestep sampler, the 
 process, and the run description (args, model_config, vae, image_size) that the sampling
 scripts use to rebuild the model and load `ema`.
 """
+import copy
 import random
 from dataclasses import dataclass, field
 from typing import Optional
@@ -98,7 +99,9 @@ class TrainState:
         was written by a different number of processes (training goes on, not bit-exactly)."""
         self.model.load_state_dict(checkpoint["model"], strict=True)
         self.ema.load_state_dict(checkpoint["ema"], strict=True)
-        self.optimizer.load_state_dict(checkpoint["opt"])
+        # The optimizer would keep the checkpoint's (memory-mapped) tensors: a copy of its own
+        # lets the mapping go with the checkpoint.
+        self.optimizer.load_state_dict(copy.deepcopy(checkpoint["opt"]))
         self.schedule_sampler.load_state_dict(checkpoint["schedule_sampler"])
         if self.grad_scaler is not None and checkpoint["grad_scaler"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
