@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models import ALL_MODELS, build_model, create_model
+from models import ALL_MODELS, build_model, model_config
 from runtime import vae as vae_lib
 from runtime.checkpoint import load_weights, read_checkpoint
 
@@ -35,6 +35,7 @@ class SamplingModel:
     vae_name: str  # "ema", "mse" or "none" (pixel space)
     vae: object  # the AutoencoderKL, or None in pixel space
     latent_shape: tuple  # (C, h, w) the model samples
+    config: dict  # model_config(name, **kwargs) that rebuilds the model, its AMM blocks included
 
     @property
     def dtype(self):
@@ -69,18 +70,20 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
 
     if recorded:
         model_name = recorded_model_name(recorded["model_config"], model_name)
-        model = build_recorded_model(recorded["model_config"], num_classes, amm)
+        config = recorded_config(recorded["model_config"], num_classes, amm)
     elif (model_name or default_model_name) is None:
         raise SamplingSetupError(f"{ckpt} does not record its model: name it with --model")
     else:
         model_name = model_name or default_model_name
-        model = build_released_model(model_name, latent_shape, num_classes, amm)
+        config = released_config(model_name, latent_shape, num_classes, amm)
+    model = construct(build_model, config)
     check_input_shape(model, model_name, latent_shape, image_size, vae_name)
     load_weights(model, checkpoint, key=ckpt_key, source=ckpt, model_name=model_name)
     model = model.to(device).eval()
     if compile_model:
         compile_forward(model)
-    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape)
+    config = model_config(config["name"], **{**config["kwargs"], "amm_blocks": model.amm_blocks})
+    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape, config)
 
 
 def sampled_shape(vae, image_size):
@@ -110,10 +113,14 @@ def amm_kwargs(model_name, amm, recorded_blocks=None):
     return {"amm_blocks": amm}
 
 
-def build_released_model(model_name, latent_shape, num_classes, amm):
+def released_config(model_name, latent_shape, num_classes, amm):
     channels, side, _ = latent_shape
     kwargs = dict(input_size=side, in_channels=channels, num_classes=num_classes or DEFAULT_NUM_CLASSES)
-    return construct(create_model, model_name, **kwargs, **amm_kwargs(model_name, amm))
+    return model_config(model_name, **kwargs, **amm_kwargs(model_name, amm))
+
+
+def build_released_model(model_name, latent_shape, num_classes, amm):
+    return construct(build_model, released_config(model_name, latent_shape, num_classes, amm))
 
 
 def recorded_model_name(config, requested):
@@ -123,14 +130,14 @@ def recorded_model_name(config, requested):
     return config["name"]
 
 
-def build_recorded_model(config, num_classes, amm):
+def recorded_config(config, num_classes, amm):
     kwargs = dict(config["kwargs"])
     recorded_classes = kwargs.get("num_classes", DEFAULT_NUM_CLASSES)
     if num_classes is not None and num_classes != recorded_classes:
         raise SamplingSetupError(f"the checkpoint's model has {recorded_classes} classes, "
                                  f"not --num-classes {num_classes}")
     kwargs.update(amm_kwargs(config["name"], amm, kwargs.get("amm_blocks")))
-    return construct(build_model, {"name": config["name"], "kwargs": kwargs})
+    return model_config(config["name"], **kwargs)
 
 
 def construct(builder, *args, **kwargs):
