@@ -1,6 +1,14 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint, shard or npz."""
+"""Atomic file writes: a reader never sees a half-written checkpoint, shard, npz or pipeline folder."""
 import contextlib
 import os
+import shutil
+
+
+def temporary_sibling(path):
+    """A temporary name next to `path` (its folder created), keeping its extension."""
+    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f".tmp-{os.getpid()}-{name}")
 
 
 @contextlib.contextmanager
@@ -10,13 +18,22 @@ def atomic_path(path):
     The temporary name keeps the final extension, so writers that append one (numpy.savez)
     write exactly where they are told.
     """
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    tmp = temporary_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """atomic_path for a folder: yields a temporary folder next to `path`, renamed onto `path`
+    (which must not exist, or be empty) only if the block succeeds."""
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
