@@ -14,6 +14,8 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from PIL import Image
 
+from models.diffusers_wrapper import DiffusionTransformer
+
 from .images import decode_to_uint8
 from .loading import model_input_shape
 from .sampler import Sampler, guided_model_fn
@@ -31,6 +33,10 @@ class EDTPipeline(DiffusionPipeline):
 
     def __init__(self, transformer, vae, scheduler, id2label=None):
         super().__init__()
+        # Importing DiffusionTransformer here also lets from_pretrained find it: diffusers loads
+        # a component of a library of its own only from a module imported already.
+        if not isinstance(transformer, DiffusionTransformer):
+            raise TypeError(f"the transformer must be a DiffusionTransformer, not a {type(transformer).__name__}")
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         id2label = {str(index): names for index, names in (id2label or {}).items()}
         self.register_to_config(id2label=id2label or None)

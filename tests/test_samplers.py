@@ -161,6 +161,15 @@ def test_converted_folder_holds_safetensors_and_configs(pipeline_folder):
     assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
 
 
+def test_pipeline_loads_offline_in_a_fresh_process(pipeline_folder):
+    load = (f"from sampling.pipeline import EDTPipeline; pipe = EDTPipeline.from_pretrained({str(pipeline_folder)!r}); "
+            "print(type(pipe.transformer.model).__name__, type(pipe.scheduler).__name__, pipe.labels['digit 3'])")
+    result = subprocess.run([sys.executable, "-c", load], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["EDT", "DPMSolverMultistepScheduler", "3"]
+
+
 @pytest.mark.parametrize("method", ["dpm-solver++-sde", "ddpm"])
 def test_pipeline_gives_the_grid_scripts_images(files, pipeline_folder, tmp_path, method):
     pipe = EDTPipeline.from_pretrained(pipeline_folder)
