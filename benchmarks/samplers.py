@@ -6,7 +6,7 @@
 For each sampler and step count (default: DDPM 250 and 50, DDIM 25, DPM-Solver++ 10 and 20,
 UniPC 10) and each guidance scale (1 and 2), image_generator_ddp.py samples --num-images
 class-balanced digits in this process, as the quickstart does, and is timed (wall time of its
-main: model loading, sampling, PNGs and npz). The quickstart's judge (digits.evaluate) then
+main: model loading, sampling, PNGs and npz; after an untimed warm-up run). The quickstart's judge (digits.evaluate) then
 gives each npz its accuracy and Frechet distance. Writes OUTPUT.md (a table), OUTPUT.png (quality
 against steps) and OUTPUT.json. The samples go to a temporary folder, removed at the end.
 """
@@ -30,6 +30,7 @@ DEFAULT_SETTINGS = ("ddpm:250", "ddpm:50", "ddim:25", "dpm-solver++:10", "dpm-so
 DEFAULT_CFG_SCALES = (1.0, 2.0)
 BASELINE = ("ddpm", 250)  # the paper's sampler: the time column is relative to it
 BATCH_SIZE = 500  # the quickstart's per-process batch
+WARM_UP = ("ddpm", 2)  # an untimed run per guidance scale first, so that no timed run pays the first call's set-up
 REAL = "real held-out"  # digits.evaluate's row of real digits
 
 
@@ -78,6 +79,7 @@ def measure(args):
     rows, paths = [], []
     with tempfile.TemporaryDirectory(prefix="edt-samplers-") as root:
         for cfg_scale in args.cfg_scales:
+            sample_npz(args, *WARM_UP, cfg_scale, os.path.join(root, f"warm-up-{cfg_scale}"))
             for sampler, steps in args.settings:
                 path, seconds = sample_npz(args, sampler, steps, cfg_scale, os.path.join(root, str(len(rows))))
                 rows.append({"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "seconds": seconds})

@@ -1,4 +1,4 @@
-"""Converts a checkpoint into a diffusers pipeline folder (transformer, VAE, scheduler):
+"""Converts a checkpoint into a diffusers pipeline folder (transformer, VAE, scheduler).
 
     python -m models.to_diffusers --ckpt EDT-S-2.pt --vae-path sd-vae-ft-ema --out edt-s-2-pipeline
 
