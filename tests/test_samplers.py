@@ -155,7 +155,8 @@ def test_converted_folder_holds_safetensors_and_configs(pipeline_folder):
     assert sorted(os.listdir(pipeline_folder / "transformer")) == ["config.json", "diffusion_pytorch_model.safetensors"]
     config = json.loads((pipeline_folder / "transformer" / "config.json").read_text())
     assert (config["model_name"], config["amm_blocks"]) == ("EDT", AMM_BLOCKS)
-    assert config["model_kwargs"] == json.loads(json.dumps({k: v for k, v in tiny_edt_kwargs().items() if k != "amm_blocks"}))
+    kwargs = {key: value for key, value in tiny_edt_kwargs().items() if key != "amm_blocks"}
+    assert config["model_kwargs"] == json.loads(json.dumps(kwargs))  # tuples as JSON lists
     index = json.loads((pipeline_folder / "model_index.json").read_text())
     assert index["transformer"] == ["models.diffusers_wrapper", "DiffusionTransformer"]
     assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
