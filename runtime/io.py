@@ -1,7 +1,16 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint, shard, npz or manifest."""
+"""Atomic file writes: a reader never sees a half-written checkpoint, shard, npz, manifest or
+pipeline folder."""
 import contextlib
 import json
 import os
+import shutil
+
+
+def temporary_sibling(path):
+    """A temporary name next to `path` (its folder created), keeping its extension."""
+    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f".tmp-{os.getpid()}-{name}")
 
 
 @contextlib.contextmanager
@@ -11,10 +20,7 @@ def atomic_path(path):
     The temporary name keeps the final extension, so writers that append one (numpy.savez)
     write exactly where they are told.
     """
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    tmp = temporary_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -32,3 +38,15 @@ def write_json(path, content):
 def read_json(path):
     with open(path) as file:
         return json.load(file)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """atomic_path for a folder: yields a temporary folder next to `path`, renamed onto `path`
+    (which must not exist, or be empty) only if the block succeeds."""
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

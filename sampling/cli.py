@@ -38,7 +38,9 @@ def add_sampling_arguments(parser, cfg_scale):
     parser.add_argument("--cfg-scale", type=float, default=cfg_scale)
     parser.add_argument("--cfg-channels", choices=tuple(CFG_CHANNELS), default="3",
                         help="guide the first 3 output channels (as released) or all")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddim: eta = 0")
+    parser.add_argument("--sampler", default="ddpm", metavar="{" + ",".join(SAMPLERS) + "}",
+                        help="ddpm and ddim (eta = 0): respaced, as released; the others: "
+                             "diffusers' solvers on EDT's schedule")
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default="no",
                         help="autocast the model in fp16 or bf16")
@@ -46,7 +48,10 @@ def add_sampling_arguments(parser, cfg_scale):
 
 
 def make_sampler(args):
-    """The Sampler the arguments ask for; SystemExit on a step count it cannot respace to."""
+    """The Sampler the arguments ask for; SystemExit with one line for an unknown sampler or a
+    step count it cannot take."""
+    if args.sampler not in SAMPLERS:
+        raise SystemExit(f"error: --sampler {args.sampler}: unknown; choose from {', '.join(SAMPLERS)}")
     if args.num_sampling_steps < 1:
         raise SystemExit("error: --num-sampling-steps must be at least 1")
     if args.cfg_scale < 1.0:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models import ALL_MODELS, build_model, create_model
+from models import ALL_MODELS, build_model, model_config
 from runtime import vae as vae_lib
 from runtime.checkpoint import load_weights, read_checkpoint, state_dict_sha256
 
@@ -36,6 +36,7 @@ class SamplingModel:
     vae: object  # the AutoencoderKL, or None in pixel space
     latent_shape: tuple  # (C, h, w) the model samples
     weights_sha256: str  # of the weights loaded (runtime.checkpoint.state_dict_sha256)
+    config: dict  # model_config(name, **kwargs) that rebuilds the model, its AMM setting included
 
     @property
     def dtype(self):
@@ -71,19 +72,23 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
 
     if recorded:
         model_name = recorded_model_name(recorded["model_config"], model_name)
-        model = build_recorded_model(recorded["model_config"], num_classes, amm, amm_variant)
+        config = recorded_config(recorded["model_config"], num_classes, amm, amm_variant)
     elif (model_name or default_model_name) is None:
         raise SamplingSetupError(f"{ckpt} does not record its model: name it with --model")
     else:
         model_name = model_name or default_model_name
-        model = build_released_model(model_name, latent_shape, num_classes, amm, amm_variant)
+        config = released_config(model_name, latent_shape, num_classes, amm, amm_variant)
+    model = construct(build_model, config)
     check_input_shape(model, model_name, latent_shape, image_size, vae_name)
     weights = load_weights(model, checkpoint, key=ckpt_key, source=ckpt, model_name=model_name)
     weights_sha256 = state_dict_sha256(weights)
     model = model.to(device).eval()
     if compile_model:
         compile_forward(model)
-    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape, weights_sha256)
+    config = model_config(config["name"], **{**config["kwargs"], "amm_blocks": model.amm_blocks,
+                                             "amm_variant": model.amm_variant})
+    return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape, weights_sha256,
+                         config)
 
 
 def sampled_shape(vae, image_size):
@@ -115,10 +120,14 @@ def amm_kwargs(model_name, amm, amm_variant=None, recorded_blocks=None):
     return {**kwargs, "amm_blocks": amm}
 
 
-def build_released_model(model_name, latent_shape, num_classes, amm, amm_variant=None):
+def released_config(model_name, latent_shape, num_classes, amm, amm_variant=None):
     channels, side, _ = latent_shape
     kwargs = dict(input_size=side, in_channels=channels, num_classes=num_classes or DEFAULT_NUM_CLASSES)
-    return construct(create_model, model_name, **kwargs, **amm_kwargs(model_name, amm, amm_variant))
+    return model_config(model_name, **kwargs, **amm_kwargs(model_name, amm, amm_variant))
+
+
+def build_released_model(model_name, latent_shape, num_classes, amm, amm_variant=None):
+    return construct(build_model, released_config(model_name, latent_shape, num_classes, amm, amm_variant))
 
 
 def recorded_model_name(config, requested):
@@ -128,14 +137,14 @@ def recorded_model_name(config, requested):
     return config["name"]
 
 
-def build_recorded_model(config, num_classes, amm, amm_variant=None):
+def recorded_config(config, num_classes, amm, amm_variant=None):
     kwargs = dict(config["kwargs"])
     recorded_classes = kwargs.get("num_classes", DEFAULT_NUM_CLASSES)
     if num_classes is not None and num_classes != recorded_classes:
         raise SamplingSetupError(f"the checkpoint's model has {recorded_classes} classes, "
                                  f"not --num-classes {num_classes}")
     kwargs.update(amm_kwargs(config["name"], amm, amm_variant, kwargs.get("amm_blocks")))
-    return construct(build_model, {"name": config["name"], "kwargs": kwargs})
+    return model_config(config["name"], **kwargs)
 
 
 def construct(builder, *args, **kwargs):

@@ -1,7 +1,7 @@
 """Sampling functions whose every random number comes from one generator per image.
 
-An image's start noise, its DDPM step noise and (by default) its class are drawn from a generator
-seeded with (global seed, image index), on the CPU. A sample therefore depends on its index only,
+An image's start noise, its DDPM or SDE step noise and (by default) its class are drawn from a
+generator seeded with (global seed, image index), on the CPU. A sample therefore depends on its index only,
 never on the batch it shares, the batch size or the process that draws it (up to the last bits
 of float32 kernels, whose blocking can change with the batch size):
 
@@ -10,6 +10,7 @@ of float32 kernels, whose blocking can change with the batch size):
     latents = sample(*batch_inputs(seed, indices, num_classes))           # (B, C, H, W), per batch
 """
 import contextlib
+import inspect
 
 import torch
 from tqdm.auto import tqdm
@@ -18,8 +19,9 @@ from diffusion import create_diffusion
 from runtime.seeding import item_generator
 
 from .images import decode_to_uint8
+from .solvers import SOLVERS, check_solver_steps, edt_scheduler, scheduler_method
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -116,19 +118,31 @@ def guided_model_fn(model, cfg_scale=1.0, cfg_channels=3, precision="no"):
 
 class Sampler:
     """A DDPM or DDIM (eta = 0) sampler over `num_steps` respaced steps of the 1000-step
-    diffusion; `sample_fn` hands back the sampling function."""
+    diffusion, or `num_steps` steps of one of diffusers' solvers (sampling/solvers.py), run by
+    `scheduler` if given (one of `edt_scheduler`'s); `sample_fn` hands back the sampling function.
+    ValueError for an unknown method or a step count it cannot take."""
 
-    def __init__(self, method="ddpm", num_steps=250):
+    def __init__(self, method="ddpm", num_steps=250, scheduler=None):
         if method not in SAMPLERS:
             raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")
         self.method = method
         self.num_steps = num_steps
-        respacing = str(num_steps) if method == "ddpm" else f"ddim{num_steps}"
-        self.diffusion = create_diffusion(respacing)
+        if method in SOLVERS:
+            check_solver_steps(method, num_steps)
+            self.scheduler = scheduler or edt_scheduler(method)
+        else:
+            respacing = str(num_steps) if method == "ddpm" else f"ddim{num_steps}"
+            self.diffusion = create_diffusion(respacing)
+
+    @classmethod
+    def for_scheduler(cls, scheduler, num_steps):
+        """The sampler that a pipeline's scheduler stands for (`scheduler_method`)."""
+        return cls(scheduler_method(scheduler), num_steps, scheduler)
 
     def sample_fn(self, model_fn, latent_shape, device, dtype=torch.float32):
         """Returns sample(generators, labels) -> (B, *latent_shape) latents."""
-        build = self._ddpm_fn if self.method == "ddpm" else self._ddim_fn
+        builds = {"ddpm": self._ddpm_fn, "ddim": self._ddim_fn}
+        build = builds.get(self.method, self._solver_fn)
         return build(model_fn, tuple(latent_shape), device, dtype)
 
     def _ddpm_fn(self, model_fn, latent_shape, device, dtype):
@@ -160,6 +174,25 @@ class Sampler:
             z = draw_noise(generators, latent_shape, device, dtype)  # x_T; eta = 0 adds no more
             return diffusion.ddim_sample_loop(model_fn, z.shape, noise=z, clip_denoised=False,
                                               model_kwargs={"y": labels.to(device)}, device=device)
+        return sample
+
+    def _solver_fn(self, model_fn, latent_shape, device, dtype):
+        scheduler, num_steps = self.scheduler, self.num_steps
+        channels = latent_shape[0]
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+
+        @torch.no_grad()
+        def sample(generators, labels):
+            run = type(scheduler).from_config(scheduler.config)  # a fresh one: schedulers keep their run's state
+            run.set_timesteps(num_steps, device=device)
+            x = draw_noise(generators, latent_shape, device, dtype) * run.init_noise_sigma  # x_T
+            labels = labels.to(device)
+            # Given one generator per image, diffusers draws each image's step noise from its own.
+            step_kwargs = {"generator": list(generators)} if takes_generator else {}
+            for t in run.timesteps:
+                out = model_fn(run.scale_model_input(x, t), t.expand(len(x)), labels)  # (B, C_out, H, W)
+                x = run.step(out[:, :channels], t, x, **step_kwargs).prev_sample  # epsilon only
+            return x
         return sample
 
 

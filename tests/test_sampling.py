@@ -22,7 +22,7 @@ from runtime.checkpoint import state_dict_sha256
 from sampling.images import GRID_PADDING, make_grid, npz_name, side_by_side, to_uint8
 from sampling.loading import SamplingSetupError, build_released_model, load_sampling_model
 from sampling.naming import amm_tag, comparison_tag, sample_name
-from sampling.sampler import Sampler, all_labels, batch_inputs, guided_model_fn
+from sampling.sampler import SAMPLERS, Sampler, all_labels, batch_inputs, guided_model_fn
 from launch import free_port
 from tiny_vae import TINY_VAE_DOWNSAMPLING, save_tiny_vae
 
@@ -262,7 +262,7 @@ def test_cfg_scale_one_takes_the_plain_forward(loaded, monkeypatch):
     torch.testing.assert_close(guided_all, uncond + 3.0 * (plain - uncond))
 
 
-@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+@pytest.mark.parametrize("method", SAMPLERS)
 def test_samples_depend_on_seed_and_index_only_and_amm_changes_them(loaded, method):
     sample = Sampler(method, 4).sample_fn(guided_model_fn(loaded.model, CFG), loaded.latent_shape, "cpu")
 
