@@ -156,6 +156,7 @@ def test_converted_folder_holds_safetensors_and_configs(pipeline_folder):
     config = json.loads((pipeline_folder / "transformer" / "config.json").read_text())
     assert (config["model_name"], config["amm_blocks"]) == ("EDT", AMM_BLOCKS)
     kwargs = {key: value for key, value in tiny_edt_kwargs().items() if key != "amm_blocks"}
+    kwargs["amm_variant"] = "256"  # the AMM function the loaded model uses, kept with the weights
     assert config["model_kwargs"] == json.loads(json.dumps(kwargs))  # tuples as JSON lists
     index = json.loads((pipeline_folder / "model_index.json").read_text())
     assert index["transformer"] == ["models.diffusers_wrapper", "DiffusionTransformer"]
