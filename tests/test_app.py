@@ -1,0 +1,115 @@
+"""The web demo in a real browser: app.py serves a tiny EDT (random weights) and a tiny VAE on a
+loopback port, headless Chromium chooses a class and presses Generate, and the image shown is
+the samples with AMM and without from the same noise, as the sampling functions give them in
+this process; bad input shows its message in the page and the app keeps serving."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import browser
+from browser import (chromium, choose_option, fetch, generate, missing_browser, natural_size, open_page,
+                     screenshot, start_app, stop_app, type_into, wait, wait_for_text)
+from demo.generation import DISPLAY_SIDE
+from sampling.comparison import comparison_image, sample_with_and_without_amm
+from sampling.images import GRID_PADDING
+from sampling.loading import load_sampling_model
+from sampling.sampler import Sampler, guided_model_fn
+from test_sampling import AMM_BLOCKS, IMAGE_SIZE, NUM_CLASSES, save_ours, tiny_edt_kwargs
+from tiny_vae import save_tiny_vae
+
+CLASS = 7
+NUM_IMAGES = 3  # one grid row of 3
+STEPS = 4
+SEED = 5
+CFG = 4.0  # the page's default
+MAX_IMAGES = 6
+ZOOM = DISPLAY_SIDE // IMAGE_SIZE
+
+
+@pytest.fixture(scope="module")
+def driver():
+    missing = missing_browser()
+    if missing:
+        pytest.fail(missing)  # the browser test is the feature's test: never skipped
+    driver = chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    vae = save_tiny_vae(str(root / "sd-vae-ft-ema"))
+    ckpt = str(root / "0000100.pt")
+    save_ours(ckpt, tiny_edt_kwargs(), "ema", IMAGE_SIZE)
+    process, url = start_app("--ckpt", ckpt, "--vae-path", vae, "--max-images", str(MAX_IMAGES),
+                             log_path=str(root / "app.log"))
+    yield {"url": url, "ckpt": ckpt, "vae": vae, "root": root}
+    stop_app(process)
+
+
+def expected_comparison(app):
+    """The page's image, computed here with the sampling functions the app shares."""
+    loaded = load_sampling_model(app["ckpt"], vae_path=app["vae"])
+    sample = Sampler("ddpm", STEPS).sample_fn(guided_model_fn(loaded.model, CFG), loaded.latent_shape, "cpu")
+    with_amm, without_amm = sample_with_and_without_amm(sample, loaded, AMM_BLOCKS, SEED, [CLASS] * NUM_IMAGES,
+                                                        batch_size=16)
+    return comparison_image(with_amm, without_amm, NUM_IMAGES, ZOOM)
+
+
+def comparison_halves(image):
+    """(with AMM, without AMM) grids of a comparison image, at the zoomed size."""
+    grid_width = (NUM_IMAGES * (IMAGE_SIZE + GRID_PADDING) + GRID_PADDING) * ZOOM
+    return image[:, :grid_width], image[:, -grid_width:]
+
+
+def test_generate_shows_samples_with_and_without_amm(app, driver):
+    open_page(driver, app["url"])
+    choose_option(driver, "class", str(CLASS))
+    type_into(driver, "steps", STEPS)
+    type_into(driver, "seed", SEED)
+    type_into(driver, "num-images", NUM_IMAGES)
+    url = generate(driver)
+    shown = np.asarray(Image.open(io.BytesIO(fetch(url))).convert("RGB"))
+
+    grid_side = IMAGE_SIZE + GRID_PADDING
+    height = (grid_side + GRID_PADDING) * ZOOM
+    width = (2 * (NUM_IMAGES * grid_side + GRID_PADDING) + 4 * GRID_PADDING) * ZOOM
+    assert shown.shape == (height, width, 3)
+    assert wait(driver, lambda d: natural_size(d)) == (height, width)
+    with_amm, without_amm = comparison_halves(shown)
+    assert not np.array_equal(with_amm, without_amm)  # the AMM changes the samples
+    torch.set_num_threads(1)  # as the app runs
+    expected = expected_comparison(app)
+    assert np.array_equal(shown, expected)
+    wait_for_text(driver, f"class {CLASS}, {NUM_IMAGES} per side")
+    path = app["root"] / "app_screenshot.png"
+    screenshot(driver, str(path))
+    assert Image.open(path).size[0] > 0
+
+
+@pytest.mark.parametrize("elem_id, value, message", [
+    ("num-images", MAX_IMAGES + 1, f"between 1 and {MAX_IMAGES}"),
+    ("class", NUM_CLASSES, f"class {NUM_CLASSES} is out of range"),
+    ("ckpt", "missing.pt", "no checkpoint at 'missing.pt'"),
+])
+def test_bad_input_shows_a_message_and_the_app_keeps_serving(app, driver, elem_id, value, message):
+    open_page(driver, app["url"])
+    type_into(driver, "steps", 1)
+    type_into(driver, "num-images", 1)
+    type_into(driver, elem_id, value)
+    driver.find_element("css selector", "#generate").click()
+    wait_for_text(driver, message)
+    open_page(driver, app["url"])
+    type_into(driver, "steps", 1)
+    type_into(driver, "num-images", 1)
+    generate(driver)
+    wait_for_text(driver, "class 0, 1 per side")
+
+
+def test_missing_browser_is_reported_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(browser, "CHROMIUM", "/nonexistent/chromium")
+    assert "apt-get install -y chromium chromium-driver" in browser.missing_browser()
