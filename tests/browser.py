@@ -5,6 +5,7 @@ a browser or a driver.
     python tests/browser.py CKPT OUT.png [--vae-path DIR] [--class-label 3]   # a screenshot after one generate
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def read(path):
 def chromium():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # for requested_urls
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      f"--window-size={WINDOW[0]},{WINDOW[1]}"):
         options.add_argument(argument)
@@ -139,6 +141,12 @@ def natural_size(driver):
     return tuple(driver.execute_script(
         "const img = document.querySelector('#comparison img');"
         "return img.complete && img.naturalWidth ? [img.naturalHeight, img.naturalWidth] : null;") or ())
+
+
+def requested_urls(driver):
+    """Every URL the page asked for since the last call, from Chromium's network log."""
+    events = (json.loads(entry["message"])["message"] for entry in driver.get_log("performance"))
+    return [event["params"]["request"]["url"] for event in events if event["method"] == "Network.requestWillBeSent"]
 
 
 def fetch(url):

@@ -11,7 +11,7 @@ from PIL import Image
 
 import browser
 from browser import (chromium, choose_option, fetch, generate, missing_browser, natural_size, open_page,
-                     screenshot, start_app, stop_app, type_into, wait, wait_for_text)
+                     requested_urls, screenshot, start_app, stop_app, type_into, wait, wait_for_text)
 from demo.generation import DISPLAY_SIDE
 from sampling.comparison import comparison_image, sample_with_and_without_amm
 from sampling.images import GRID_PADDING
@@ -86,6 +86,10 @@ def test_generate_shows_samples_with_and_without_amm(app, driver):
     expected = expected_comparison(app)
     assert np.array_equal(shown, expected)
     wait_for_text(driver, f"class {CLASS}, {NUM_IMAGES} per side")
+    offline = ("data:", "blob:", app["url"])  # the app's own server, nothing else: no fonts, no analytics
+    requested = requested_urls(driver)
+    assert any(url.startswith(app["url"]) for url in requested)
+    assert [url for url in requested if not url.startswith(offline)] == []
     path = app["root"] / "app_screenshot.png"
     screenshot(driver, str(path))
     assert Image.open(path).size[0] > 0
@@ -98,13 +102,13 @@ def test_generate_shows_samples_with_and_without_amm(app, driver):
 ])
 def test_bad_input_shows_a_message_and_the_app_keeps_serving(app, driver, elem_id, value, message):
     open_page(driver, app["url"])
-    type_into(driver, "steps", 1)
+    type_into(driver, "steps", 2)
     type_into(driver, "num-images", 1)
     type_into(driver, elem_id, value)
     driver.find_element("css selector", "#generate").click()
     wait_for_text(driver, message)
     open_page(driver, app["url"])
-    type_into(driver, "steps", 1)
+    type_into(driver, "steps", 2)
     type_into(driver, "num-images", 1)
     generate(driver)
     wait_for_text(driver, "class 0, 1 per side")
