@@ -2,6 +2,7 @@
 and samples it with and without AMM through the scripts' sampling functions. Bad input raises
 DemoInputError with a message for the page."""
 import glob
+import itertools
 import os
 import threading
 import time
@@ -160,14 +161,10 @@ def generate(cache, request, max_images, batch_size, report=None):
         loaded = demo_model.loaded
         batches = -(-request.num_images // batch_size)
         total = 2 * batches * request.num_steps  # forwards: both settings, every batch and step
-        done = [0]
-
-        def on_call():
-            done[0] += 1
-            if report is not None:
-                report(min(done[0], total), total)
-
-        model_fn = counting_calls(guided_model_fn(loaded.model, request.cfg_scale), on_call)
+        calls = itertools.count(1)
+        model_fn = guided_model_fn(loaded.model, request.cfg_scale)
+        if report is not None:
+            model_fn = counting_calls(model_fn, lambda: report(min(next(calls), total), total))
         sample = sampler.sample_fn(model_fn, loaded.latent_shape, cache.device, loaded.dtype)
         start = time.perf_counter()
         with_amm, without_amm = sample_with_and_without_amm(

@@ -13,6 +13,7 @@ DEFAULT_STEPS = 50
 MAX_STEPS = 1000
 DEFAULT_CFG = 4.0
 MAX_CFG = 10.0
+SAMPLER_CHOICES = list(SAMPLERS)  # the sampling scripts' --sampler choices
 
 
 def class_choices(demo_model):
@@ -67,7 +68,7 @@ def build_page(cache, initial, max_images, batch_size):
                                       label="class (a name or an index)", elem_id="class")
             cfg_scale = gr.Slider(1.0, MAX_CFG, value=DEFAULT_CFG, step=0.1, label="guidance scale",
                                   elem_id="cfg")
-            sampler = gr.Dropdown(list(SAMPLERS), value=SAMPLERS[0], label="sampler", elem_id="sampler")
+            sampler = gr.Dropdown(SAMPLER_CHOICES, value=SAMPLER_CHOICES[0], label="sampler", elem_id="sampler")
             num_steps = gr.Number(DEFAULT_STEPS, precision=0, minimum=1, maximum=MAX_STEPS,
                                   label="sampling steps", elem_id="steps")
         with gr.Row():

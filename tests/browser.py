@@ -124,7 +124,7 @@ def wait_for_text(driver, text):
     wait(driver, lambda d: text in page_text(d))
 
 
-def generate(driver):
+def press_generate(driver):
     """Presses Generate and waits for a new image; returns its URL."""
     previous = image_url(driver)
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
@@ -182,7 +182,7 @@ def main(argv=None):
         open_page(driver, url)
         choose_option(driver, "class", args.class_label)
         type_into(driver, "num-images", args.num_images)
-        generate(driver)
+        press_generate(driver)
         wait(driver, lambda d: natural_size(d))
         screenshot(driver, args.output)
     finally:

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 import browser
-from browser import (chromium, choose_option, fetch, generate, missing_browser, natural_size, open_page,
-                     requested_urls, screenshot, start_app, stop_app, type_into, wait, wait_for_text)
-from demo.generation import DISPLAY_SIDE
+from browser import (chromium, choose_option, fetch, missing_browser, natural_size, open_page,
+                     press_generate, requested_urls, screenshot, start_app, stop_app, type_into, wait,
+                     wait_for_text)
+from demo.generation import DISPLAY_SIDE, CheckpointCache, Request, generate
 from sampling.comparison import comparison_image, sample_with_and_without_amm
 from sampling.images import GRID_PADDING
 from sampling.loading import load_sampling_model
@@ -72,7 +73,7 @@ def test_generate_shows_samples_with_and_without_amm(app, driver):
     type_into(driver, "steps", STEPS)
     type_into(driver, "seed", SEED)
     type_into(driver, "num-images", NUM_IMAGES)
-    url = generate(driver)
+    url = press_generate(driver)
     shown = np.asarray(Image.open(io.BytesIO(fetch(url))).convert("RGB"))
 
     grid_side = IMAGE_SIZE + GRID_PADDING
@@ -110,10 +111,20 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(app, driver, elem_i
     open_page(driver, app["url"])
     type_into(driver, "steps", 2)
     type_into(driver, "num-images", 1)
-    generate(driver)
+    press_generate(driver)
     wait_for_text(driver, "class 0, 1 per side")
 
 
 def test_missing_browser_is_reported_with_the_install_command(monkeypatch):
     monkeypatch.setattr(browser, "CHROMIUM", "/nonexistent/chromium")
     assert "apt-get install -y chromium chromium-driver" in browser.missing_browser()
+
+
+def test_progress_is_reported_after_every_forward(app):
+    cache = CheckpointCache(app["vae"])
+    reports = []
+    request = Request(app["ckpt"], "2", 1.0, "ddim", num_steps=3, seed=0, num_images=3, amm_blocks=[1])
+    image, summary = generate(cache, request, max_images=3, batch_size=2, report=lambda *done: reports.append(done))
+    total = 2 * 2 * 3  # AMM on and off, 2 batches, 3 steps
+    assert reports == [(done, total) for done in range(1, total + 1)]
+    assert "class 2, 3 per side" in summary and "ddim 3 steps" in summary
