@@ -61,7 +61,8 @@ def build_page(cache, initial, max_images, batch_size):
         gr.Markdown("# EDT: samples with and without the attention modulation matrix (AMM)\n"
                     "Both sets start from the same noise; only the AMM blocks differ.")
         with gr.Row():
-            ckpt = gr.Textbox(initial.ckpt, max_lines=1, label="checkpoint (Enter loads it)", elem_id="ckpt", scale=3)
+            ckpt = gr.Textbox(initial.ckpt, max_lines=1, label="checkpoint (Enter loads it)", elem_id="ckpt",
+                              scale=3)
             info = gr.Markdown(model_summary(initial), elem_id="model-info")
         with gr.Row():
             class_label = gr.Dropdown(class_choices(initial), value="0", allow_custom_value=True,

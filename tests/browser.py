@@ -33,7 +33,8 @@ def missing_browser():
     """None when Chromium and its driver are installed, else what to run to install them."""
     if all(os.access(path, os.X_OK) for path in (CHROMIUM, CHROMEDRIVER)):
         return None
-    return f"Chromium or chromedriver not found at {CHROMIUM}, {CHROMEDRIVER}: install them with `{INSTALL_CHROMIUM}`"
+    return (f"Chromium or chromedriver not found at {CHROMIUM}, {CHROMEDRIVER}: "
+            f"install them with `{INSTALL_CHROMIUM}`")
 
 
 #################################################################################
@@ -146,7 +147,8 @@ def natural_size(driver):
 def requested_urls(driver):
     """Every URL the page asked for since the last call, from Chromium's network log."""
     events = (json.loads(entry["message"])["message"] for entry in driver.get_log("performance"))
-    return [event["params"]["request"]["url"] for event in events if event["method"] == "Network.requestWillBeSent"]
+    return [event["params"]["request"]["url"] for event in events
+            if event["method"] == "Network.requestWillBeSent"]
 
 
 def fetch(url):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import app as app_script
 import browser
 from browser import (chromium, choose_option, fetch, missing_browser, natural_size, open_page,
                      press_generate, requested_urls, screenshot, start_app, stop_app, type_into, wait,
@@ -124,7 +125,20 @@ def test_progress_is_reported_after_every_forward(app):
     cache = CheckpointCache(app["vae"])
     reports = []
     request = Request(app["ckpt"], "2", 1.0, "ddim", num_steps=3, seed=0, num_images=3, amm_blocks=[1])
-    image, summary = generate(cache, request, max_images=3, batch_size=2, report=lambda *done: reports.append(done))
+    _, summary = generate(cache, request, max_images=3, batch_size=2, report=lambda *done: reports.append(done))
     total = 2 * 2 * 3  # AMM on and off, 2 batches, 3 steps
     assert reports == [(done, total) for done in range(1, total + 1)]
     assert "class 2, 3 per side" in summary and "ddim 3 steps" in summary
+
+
+def test_command_line_says_how_to_make_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no quickstart_output here
+    with pytest.raises(SystemExit, match="no --ckpt and no quickstart checkpoint.*python quickstart.py"):
+        app_script.parse_args([])
+    with pytest.raises(SystemExit, match="no checkpoint at 'missing.pt'"):
+        app_script.main(["--ckpt", "missing.pt"])
+    checkpoints = tmp_path / "quickstart_output" / "results" / "000-EDT" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step in ("0000500.pt", "0001000.pt"):
+        (checkpoints / step).touch()
+    assert app_script.parse_args([]).ckpt == str(checkpoints.relative_to(tmp_path) / "0001000.pt")
