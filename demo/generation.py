@@ -53,21 +53,22 @@ class DemoModel:
 
 
 class CheckpointCache:
-    """Holds the model of the last checkpoint asked for; a lock keeps one request at a time
-    on it (sampling switches its AMM blocks)."""
+    """Holds the model of the last checkpoint asked for; its lock keeps one request at a time
+    on it (sampling switches its AMM blocks) and one load at a time."""
 
     def __init__(self, vae_path=None, class_names=None, device="cpu"):
         self.vae_path = vae_path
         self.class_names = class_names
         self.device = device
         self.current = None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def get(self, ckpt):
         """The DemoModel of `ckpt`, loading it unless it is the current one."""
-        ckpt = (ckpt or "").strip()
-        if self.current is not None and self.current.ckpt == ckpt:
-            return self.current
+        with self.lock:
+            return self.current if self.current is not None and self.current.ckpt == ckpt else self.load(ckpt)
+
+    def load(self, ckpt):
         if not os.path.isfile(ckpt):
             raise DemoInputError(f"no checkpoint at {ckpt!r}; to train one: {MAKE_CHECKPOINT}")
         try:
@@ -86,6 +87,13 @@ class CheckpointCache:
 #################################################################################
 #                                   Requests                                    #
 #################################################################################
+
+def whole_number(value, name):
+    """A page field's number as an int; DemoInputError when the field is empty."""
+    if value is None or value == "":
+        raise DemoInputError(f"{name} is empty")
+    return int(value)
+
 
 @dataclass
 class Request:

@@ -4,7 +4,7 @@ import gradio as gr
 
 from sampling.sampler import SAMPLERS
 
-from .generation import DemoInputError, Request, generate
+from .generation import DemoInputError, Request, generate, whole_number
 
 # System fonts only: the default theme fetches web fonts, and the demo runs offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -37,7 +37,7 @@ def build_page(cache, initial, max_images, batch_size):
 
     def load(ckpt):
         try:
-            demo_model = cache.get(ckpt)
+            demo_model = cache.get((ckpt or "").strip())
         except DemoInputError as error:
             raise gr.Error(str(error))
         return (gr.update(choices=class_choices(demo_model), value="0"),
@@ -46,13 +46,13 @@ def build_page(cache, initial, max_images, batch_size):
 
     def run(ckpt, class_label, cfg_scale, sampler, num_steps, seed, num_images, amm_blocks,
             progress=gr.Progress()):
-        request = Request(ckpt, class_label, float(cfg_scale), sampler, int(num_steps), int(seed),
-                          int(num_images), [int(index) for index in amm_blocks])
-        progress(0, desc="sampling")
-
         def report(done, total):
             progress((done, total), desc="sampling", unit="forwards")
         try:
+            request = Request((ckpt or "").strip(), class_label, float(cfg_scale), sampler,
+                              whole_number(num_steps, "sampling steps"), whole_number(seed, "seed"),
+                              whole_number(num_images, "images"), [int(index) for index in amm_blocks])
+            progress(0, desc="sampling")
             return generate(cache, request, max_images, batch_size, report)
         except DemoInputError as error:
             raise gr.Error(str(error))

@@ -14,7 +14,7 @@ import browser
 from browser import (chromium, choose_option, fetch, missing_browser, natural_size, open_page,
                      press_generate, requested_urls, screenshot, start_app, stop_app, type_into, wait,
                      wait_for_text)
-from demo.generation import DISPLAY_SIDE, CheckpointCache, Request, generate
+from demo.generation import DISPLAY_SIDE, CheckpointCache, DemoInputError, Request, generate, whole_number
 from sampling.comparison import comparison_image, sample_with_and_without_amm
 from sampling.images import GRID_PADDING
 from sampling.loading import load_sampling_model
@@ -142,3 +142,9 @@ def test_command_line_says_how_to_make_a_checkpoint(tmp_path, monkeypatch):
     for step in ("0000500.pt", "0001000.pt"):
         (checkpoints / step).touch()
     assert app_script.parse_args([]).ckpt == str(checkpoints.relative_to(tmp_path) / "0001000.pt")
+
+
+def test_an_empty_number_field_is_a_message():
+    assert whole_number(3.0, "seed") == 3
+    with pytest.raises(DemoInputError, match="seed is empty"):
+        whole_number(None, "seed")
