@@ -80,8 +80,7 @@ def build_page(cache, initial, max_images, batch_size):
                                           label="AMM blocks (left image)", elem_id="amm-blocks")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         image = gr.Image(label="with AMM (left), without AMM (right)", format="png", interactive=False,
-                         buttons=["download", "fullscreen"],
-                         elem_id="comparison")
+                         buttons=["download", "fullscreen"], elem_id="comparison")
         summary = gr.Markdown(elem_id="summary")
 
         ckpt.submit(load, ckpt, [class_label, amm_blocks, info])
