@@ -3,7 +3,7 @@
     python app.py                               # the quickstart's checkpoint, http://127.0.0.1:7860
     python app.py --ckpt EDT-XL-2.pt --vae-path sd-vae-ft-ema --class-names imagenet_classes.txt
 
-Offline: no analytics, no share link, no web fonts; the page is served on 127.0.0.1 only.
+Offline: no analytics, no share link, fonts served by the app itself, on 127.0.0.1 only.
 """
 import argparse
 import os
@@ -12,7 +12,7 @@ import torch
 
 from demo.generation import (MAKE_CHECKPOINT, CheckpointCache, DemoInputError, quickstart_checkpoint,
                              read_class_names)
-from demo.page import THEME, build_page
+from demo.page import build_page
 from runtime.cli import require_at_least
 
 HOST = "127.0.0.1"
@@ -55,8 +55,8 @@ def main(argv=None):
                          f"the model has {len(initial.class_names)}")
     page = build_page(cache, initial, args.max_images, args.batch_size)
     print(f"EDT demo of {args.ckpt} on http://{HOST}:{args.port}", flush=True)
-    page.queue().launch(server_name=HOST, server_port=args.port, share=False, theme=THEME,
-                        ssr_mode=False, mcp_server=False, show_error=True)
+    page.queue().launch(server_name=HOST, server_port=args.port, share=False, ssr_mode=False,
+                        mcp_server=False, show_error=True)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,6 @@ from sampling.sampler import SAMPLERS
 
 from .generation import DemoInputError, Request, generate, whole_number
 
-# System fonts only: the default theme fetches web fonts, and the demo runs offline.
-THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                          font_mono=["ui-monospace", "monospace"])
 DEFAULT_STEPS = 50
 MAX_STEPS = 1000
 DEFAULT_CFG = 4.0
