@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import app as app_script
@@ -68,7 +67,7 @@ def comparison_halves(image):
     return image[:, :grid_width], image[:, -grid_width:]
 
 
-def test_generate_shows_samples_with_and_without_amm(app, driver):
+def test_generate_shows_samples_with_and_without_amm(app, driver, one_torch_thread):  # one thread, as the app
     open_page(driver, app["url"])
     choose_option(driver, "class", str(CLASS))
     type_into(driver, "steps", STEPS)
@@ -84,7 +83,6 @@ def test_generate_shows_samples_with_and_without_amm(app, driver):
     assert wait(driver, lambda d: natural_size(d)) == (height, width)
     with_amm, without_amm = comparison_halves(shown)
     assert not np.array_equal(with_amm, without_amm)  # the AMM changes the samples
-    torch.set_num_threads(1)  # as the app runs
     expected = expected_comparison(app)
     assert np.array_equal(shown, expected)
     wait_for_text(driver, f"class {CLASS}, {NUM_IMAGES} per side")
