@@ -1,11 +1,11 @@
 """Quality against time of the samplers on the digits quickstart's checkpoint.
 
-    python quickstart.py          # trains quickstart_output/results/*/checkpoints/0001000.pt
-    python -m benchmarks.samplers --ckpt quickstart_output/results/*/checkpoints/0001000.pt
+    python quickstart.py          # trains quickstart_output/results/000-EDT/checkpoints/0001300.pt
+    python -m benchmarks.samplers --ckpt quickstart_output/results/000-EDT/checkpoints/0001300.pt
 
-For each sampler and step count (default: DDPM 250 and 50, DDIM 25, DPM-Solver++ 10 and 20,
-UniPC 10) and each guidance scale (1 and 2), image_generator_ddp.py samples --num-images
-class-balanced digits in this process, as the quickstart does, and is timed (wall time of its
+For each sampler and step count (default: DDPM 250 and 50, DDIM 25, DPM-Solver++ 10 and 20, its
+SDE variant 10 and 20, UniPC 10) and each guidance scale (1 and 2), image_generator_ddp.py samples
+--num-images class-balanced digits in this process, as the quickstart does, and is timed (wall time of its
 main: model loading, sampling, PNGs and npz; after an untimed warm-up run). The quickstart's
 judge (digits.evaluate) then gives each npz its accuracy and Frechet distance. Writes OUTPUT.md
 (a table), OUTPUT.png (quality against steps) and OUTPUT.json. The samples go to a temporary
@@ -27,7 +27,8 @@ from runtime.cli import require_at_least
 from runtime.io import atomic_path
 from sampling.sampler import SAMPLERS
 
-DEFAULT_SETTINGS = ("ddpm:250", "ddpm:50", "ddim:25", "dpm-solver++:10", "dpm-solver++:20", "unipc:10")
+DEFAULT_SETTINGS = ("ddpm:250", "ddpm:50", "ddim:25", "dpm-solver++:10", "dpm-solver++:20",
+                    "dpm-solver++-sde:10", "dpm-solver++-sde:20", "unipc:10")
 DEFAULT_CFG_SCALES = (1.0, 2.0)
 BASELINE = ("ddpm", 250)  # the paper's sampler: the time column is relative to it
 BATCH_SIZE = 500  # the quickstart's per-process batch
