@@ -4,11 +4,12 @@
         --amm --output-dir SAMPLES --num-images 50000
     python image_generator_ddp.py ...   (one process)
 
-Every image's class and noise come from (global seed, image index), so the npz does not depend
-on the number of processes or the batch size. Each image is kept as `{index:06d}.png` in the
-sample folder, whose name records the settings and whose manifest.json the sha256 of the weights;
-a re-run with the same weights samples only the missing ones (other weights are refused), then
-the npz `samples_{N}x{H}x{W}x3.npz` (`arr_0` images, `arr_1` labels) is assembled from them.
+Every image's class and noise come from (global seed, image index), and every batch is filled
+up to --per-proc-batch-size, so the npz does not depend on the number of processes; another batch
+size can move a few pixels by one level (float32 rounding, seen on EDT-S/2). Each image is kept
+as `{index:06d}.png` in the sample folder, whose name records the settings and whose
+manifest.json the sha256 of the weights; a re-run with the same weights samples only the missing
+ones (other weights are refused), then the npz `samples_{N}x{H}x{W}x3.npz` (`arr_0` images, `arr_1` labels) is assembled from them.
 """
 import argparse
 import os

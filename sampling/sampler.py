@@ -201,8 +201,13 @@ class Sampler:
 #################################################################################
 
 def sample_images(sample, vae, seed, indices, batch_size, num_classes, labels=None, progress=False):
-    """Yields (batch indices, uint8 images (B, H, W, 3)) for `indices`, batch by batch."""
+    """Yields (batch indices, uint8 images (B, H, W, 3)) for `indices`, batch by batch.
+
+    A short last batch is filled up to `batch_size` with copies of its last image, dropped after
+    decoding: float32 kernels may round differently for another number of rows (EDT-S/2 does), and
+    every model and VAE call then has the same size on any number of processes."""
     batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
     for batch in tqdm(batches, disable=not progress, desc="sampling"):
-        generators, batch_labels = batch_inputs(seed, batch, num_classes, labels)
-        yield batch, decode_to_uint8(vae, sample(generators, batch_labels))
+        padded = [*batch, *[batch[-1]] * (batch_size - len(batch))]
+        generators, batch_labels = batch_inputs(seed, padded, num_classes, labels)
+        yield batch, decode_to_uint8(vae, sample(generators, batch_labels))[:len(batch)]

@@ -33,6 +33,7 @@ GAUSSIAN_STD = 0.5  # the data distribution N(0, 0.5^2) of the exact-epsilon mod
 LATENT = (4, 8, 8)
 GAUSSIAN_IMAGES = 32
 CLASSES = [1, 5, 8]
+EDT_S_PIXELS = 16  # EDT-S/2 on 16x16 pixels: 8x8, 4x4 and 2x2 token grids
 
 
 #################################################################################
@@ -127,6 +128,40 @@ def test_each_solver_gives_the_same_npz_on_one_and_two_processes(files, tmp_path
         npz_files.append(read_bytes(tmp_path / "one" / folder / name))
         assert read_bytes(tmp_path / "two" / folder / name) == npz_files[-1], method
     assert len(set(npz_files)) == len(SOLVERS)  # every solver samples differently
+
+
+def test_edt_s_solvers_give_the_same_npz_on_one_and_two_processes_with_two_threads(tmp_path):
+    """The released EDT-S/2 architecture (random weights, 16x16 pixels): the stochastic solver and
+    a multistep one, on one process and on two, each with two threads, at one batch size (EDT-S/2's
+    float32 kernels round some pixels differently for another number of rows)."""
+    kwargs = {"input_size": EDT_S_PIXELS, "in_channels": 3, "num_classes": NUM_CLASSES}
+    weights = random_state_dict(create_model("EDT-S/2", **kwargs))
+    ckpt = tmp_path / "0000001.pt"
+    torch.save({"model": weights, "ema": weights, "args": {}, "model_config": model_config("EDT-S/2", **kwargs),
+                "vae": "none", "image_size": EDT_S_PIXELS}, ckpt)
+    methods = ("dpm-solver++-sde", "unipc")
+    arguments = ["--ckpt", str(ckpt), "--num-images", "6", "--num-sampling-steps", "4", "--cfg-scale", str(CFG),
+                 "--global-seed", str(SEED)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for method in methods:
+            image_generator_ddp.main([*arguments, "--output-dir", str(tmp_path / "one"), "--sampler", method,
+                                      "--per-proc-batch-size", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    agent_port, *run_ports = free_ports(1 + len(methods))
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nnodes=1", "--nproc_per_node=2",
+               f"--master_port={agent_port}", os.path.join(REPO_ROOT, "tests", "sample_with_each.py"),
+               ",".join(methods), ",".join(map(str, run_ports)),
+               *arguments, "--output-dir", str(tmp_path / "two"), "--per-proc-batch-size", "2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    npz_files = sorted((tmp_path / "one").glob("*/samples_*.npz"))
+    assert len(npz_files) == len(methods)
+    for npz in npz_files:
+        assert read_bytes(tmp_path / "two" / npz.parent.name / npz.name) == read_bytes(npz), npz.parent.name
 
 
 #################################################################################
