@@ -9,7 +9,8 @@ up to --per-proc-batch-size, so the npz does not depend on the number of process
 size can move a few pixels by one level (float32 rounding, seen on EDT-S/2). Each image is kept
 as `{index:06d}.png` in the sample folder, whose name records the settings and whose
 manifest.json the sha256 of the weights; a re-run with the same weights samples only the missing
-ones (other weights are refused), then the npz `samples_{N}x{H}x{W}x3.npz` (`arr_0` images, `arr_1` labels) is assembled from them.
+ones (other weights are refused), then the npz `samples_{N}x{H}x{W}x3.npz` (`arr_0` images,
+`arr_1` labels) is assembled from them.
 """
 import argparse
 import os
@@ -92,7 +93,7 @@ def main(argv=None):
         sample = sampler.sample_fn(model_fn, loaded.latent_shape, context.device, loaded.dtype)
         for indices, images in sample_images(sample, loaded.vae, args.global_seed, mine,
                                              args.per_proc_batch_size, loaded.num_classes,
-                                             labels, progress=context.is_main):
+                                             labels, progress=context.is_main, fill_batches=True):
             save_pngs(folder, indices, images)
         barrier()
 

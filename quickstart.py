@@ -42,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--blocks-per-stage", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-images", type=int, default=1000, help="samples per guidance scale")
-    # As accurate as DDPM 250 steps here at a tenth of the time (docs/samplers.md); the time saved went to training.
+    # As accurate here as DDPM in 250 steps at a tenth of the time (docs/samplers.md); the time
+    # saved went to training.
     parser.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver++-sde")
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--processes", type=int, default=2, help="for extraction and sampling")

@@ -5,8 +5,8 @@
 
 For each sampler and step count (default: DDPM 250 and 50, DDIM 25, DPM-Solver++ 10 and 20, its
 SDE variant 10 and 20, UniPC 10) and each guidance scale (1 and 2), image_generator_ddp.py samples
---num-images class-balanced digits in this process, as the quickstart does, and is timed (wall time of its
-main: model loading, sampling, PNGs and npz; after an untimed warm-up run). The quickstart's
+--num-images class-balanced digits in this process, as the quickstart does, and is timed (wall
+time of its main: model loading, sampling, PNGs and npz; after an untimed warm-up run). The quickstart's
 judge (digits.evaluate) then gives each npz its accuracy and Frechet distance. Writes OUTPUT.md
 (a table), OUTPUT.png (quality against steps) and OUTPUT.json. The samples go to a temporary
 folder, removed at the end.

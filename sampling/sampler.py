@@ -200,14 +200,15 @@ class Sampler:
 #                              Sampling in batches                              #
 #################################################################################
 
-def sample_images(sample, vae, seed, indices, batch_size, num_classes, labels=None, progress=False):
+def sample_images(sample, vae, seed, indices, batch_size, num_classes, labels=None, progress=False,
+                  fill_batches=False):
     """Yields (batch indices, uint8 images (B, H, W, 3)) for `indices`, batch by batch.
 
-    A short last batch is filled up to `batch_size` with copies of its last image, dropped after
-    decoding: float32 kernels may round differently for another number of rows (EDT-S/2 does), and
-    every model and VAE call then has the same size on any number of processes."""
+    With `fill_batches`, a short last batch is filled up to `batch_size` with copies of its last
+    image, dropped after decoding, so that every model and VAE call has the same number of rows on
+    any number of processes: float32 kernels may round differently for another one (EDT-S/2 does)."""
     batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
     for batch in tqdm(batches, disable=not progress, desc="sampling"):
-        padded = [*batch, *[batch[-1]] * (batch_size - len(batch))]
-        generators, batch_labels = batch_inputs(seed, padded, num_classes, labels)
+        rows = [*batch, *[batch[-1]] * (batch_size - len(batch))] if fill_batches else batch
+        generators, batch_labels = batch_inputs(seed, rows, num_classes, labels)
         yield batch, decode_to_uint8(vae, sample(generators, batch_labels))[:len(batch)]
