@@ -10,10 +10,10 @@ import os
 
 import torch
 
-from demo.generation import (MAKE_CHECKPOINT, CheckpointCache, DemoInputError, quickstart_checkpoint,
-                             read_class_names)
+from demo.generation import MAKE_CHECKPOINT, CheckpointCache, DemoInputError, quickstart_checkpoint
 from demo.page import build_page
 from runtime.cli import require_at_least
+from sampling.labels import read_class_names
 
 HOST = "127.0.0.1"
 
@@ -25,7 +25,8 @@ def parse_args(argv=None):
                              "(default: the newest under ./quickstart_output)")
     parser.add_argument("--vae-path", default=None, help="local VAE folder (default ./sd-vae-ft-{vae})")
     parser.add_argument("--class-names", default=None,
-                        help="a text file naming class k on line k (e.g. ImageNet's 1000); default: indices")
+                        help="a text file naming class k on line k (e.g. ImageNet's 1000) or an id2label "
+                             "JSON; default: indices")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-images", type=int, default=16, help="the most images one request may ask for")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -44,7 +45,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    class_names = read_class_names(args.class_names) if args.class_names else None
+    try:
+        class_names = read_class_names(args.class_names) if args.class_names else None
+    except ValueError as error:
+        raise SystemExit(f"error: --class-names {error}")
     cache = CheckpointCache(args.vae_path, class_names, device)
     try:
         initial = cache.get(args.ckpt)

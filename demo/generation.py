@@ -30,12 +30,6 @@ def quickstart_checkpoint():
     return found[-1] if found else None
 
 
-def read_class_names(path):
-    """One class name per line (line k names class k), e.g. ImageNet's 1000."""
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
 #################################################################################
 #                                  Checkpoints                                  #
 #################################################################################

@@ -9,7 +9,6 @@ The model, AMM and VAE options are the sampling scripts'; a released checkpoint 
 model (EDT-S-2.pt) needs no --model. --labels gives the classes' names (pipe.labels).
 """
 import argparse
-import json
 import os
 
 from models import ALL_MODELS
@@ -18,6 +17,7 @@ from runtime.checkpoint import CheckpointError
 from runtime.io import atomic_directory
 from runtime.vae import VAENotFoundError
 from sampling.cli import add_model_arguments, loader_kwargs
+from sampling.labels import read_class_names
 from sampling.loading import SamplingSetupError, load_sampling_model
 from sampling.naming import checkpoint_tag, model_tag
 from sampling.pipeline import EDTPipeline
@@ -48,17 +48,14 @@ def model_named_like(ckpt):
 def read_id2label(path, num_classes):
     """{str(index): names} from a label file; SystemExit unless it names num_classes classes."""
     try:
-        with open(path) as f:
-            text = f.read()
+        names = read_class_names(path)
     except OSError as error:
         raise SystemExit(f"error: cannot read --labels {path}: {error.strerror}")
-    try:
-        id2label = {str(index): names for index, names in json.loads(text).items()}
-    except (json.JSONDecodeError, AttributeError):
-        id2label = {str(index): line.strip() for index, line in enumerate(text.splitlines()) if line.strip()}
-    if sorted(id2label, key=int) != [str(index) for index in range(num_classes)]:
-        raise SystemExit(f"error: --labels {path} names {len(id2label)} classes, the model has {num_classes}")
-    return id2label
+    except ValueError as error:
+        raise SystemExit(f"error: --labels {error}")
+    if len(names) != num_classes:
+        raise SystemExit(f"error: --labels {path} names {len(names)} classes, the model has {num_classes}")
+    return {str(index): name for index, name in enumerate(names)}
 
 
 def main(argv=None):

@@ -22,6 +22,7 @@ from benchmarks.chart import PANEL_SIZE
 from models import create_model, model_config, to_diffusers
 from models.diffusers_wrapper import DiffusionTransformer
 from sampling.images import GRID_PADDING
+from sampling.labels import read_class_names
 from sampling.pipeline import EDTPipeline
 from sampling.sampler import SAMPLERS, Sampler, batch_inputs, draw_noise, image_generators
 from sampling.solvers import SOLVERS, edt_betas, edt_scheduler, scheduler_method
@@ -278,6 +279,15 @@ def test_bad_sampler_or_step_count_is_one_error_line(files, tmp_path, script, ex
     error = str(exit_info.value.code)
     assert error.startswith("error: ") and message in error and "\n" not in error
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_label_files_as_json_or_lines_give_the_same_names(tmp_path):
+    (tmp_path / "labels.json").write_text(json.dumps({"1": "one, i", "0": "zero"}))
+    (tmp_path / "labels.txt").write_text("zero\n\none, i\n")
+    assert read_class_names(tmp_path / "labels.json") == read_class_names(tmp_path / "labels.txt") == ["zero", "one, i"]
+    (tmp_path / "gap.json").write_text(json.dumps({"0": "zero", "2": "two"}))
+    with pytest.raises(ValueError, match="does not name the classes 0 to 1"):
+        read_class_names(tmp_path / "gap.json")
 
 
 def test_converter_refuses_a_full_folder_and_wrong_labels(files, tmp_path):
