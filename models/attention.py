@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention_kernels import (AMM_LSE, EXPLICIT, SDPA, KernelChoice, amm_attention, choose_attention_kernel,
+                                compute_dtype, explicit_attention, pad_heads, sdpa_attention)
 from .fast_paths import FastPathSwitch
 from .kept_tensor import KeptTensor
 from .onednn import PackedLinear
@@ -121,20 +123,23 @@ def gather_token_pairs(matrix, token_ids):
 #################################################################################
 
 class Attention(nn.Module, FastPathSwitch):
-    """Self-attention over a square token grid.
+    """Self-attention over a square token grid, through the kernel that
+    `choose_attention_kernel` picks for each call (see models/attention_kernels.py).
 
-    AMM blocks multiply the softmax probabilities elementwise by the AMM (no renormalisation), so
-    they need explicit probabilities; every other block goes through
-    `scaled_dot_product_attention` with the relative position bias as its float mask (see
-    `uses_sdpa`). `fast = False` is the plain path, kept for comparison: explicit attention
-    everywhere, a new tensor for every intermediate, ATen's Linear.
+    Where the kernel wants a wider head (CUDA's fused kernels and EDT's 52-wide heads in half
+    precision), q, k and v come out of the qkv projection already padded with zero channels:
+    the weight is padded, not the activations, and the output projection reads the padded
+    attention output through a weight with zero columns there. `fast = False` is the plain
+    path, kept for comparison: explicit attention everywhere, a new tensor for every
+    intermediate, ATen's Linear.
     """
 
     def __init__(self, dim, num_heads, grid_size, relative_bias=True, amm_in_training=False, bias_layout="edt"):
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.grid_size = grid_size
-        self.scale = (dim // num_heads) ** -0.5
+        self.scale = self.head_dim ** -0.5
         self.amm_in_training = amm_in_training
         self.qkv = PackedLinear(dim, 3 * dim)
         self.proj = PackedLinear(dim, dim)
@@ -142,6 +147,7 @@ class Attention(nn.Module, FastPathSwitch):
                              if relative_bias else None)
         self.register_buffer("amm", None, persistent=False)
         self.amm_variant = None  # of the AMM built
+        self.padded_weights = {}  # (parameter name, width) -> KeptTensor
 
     def set_amm(self, enabled, variant=DEFAULT_AMM_VARIANT):
         """Turns the AMM of this block on or off; the matrix is built once and kept as a buffer."""
@@ -162,35 +168,54 @@ class Attention(nn.Module, FastPathSwitch):
             return None
         return self.amm if token_ids is None else gather_token_pairs(self.amm, token_ids)
 
-    def uses_sdpa(self, bias):
-        """SDPA outside AMM blocks, except for a CPU mask that needs its gradient (training
-        EDT's bias): the fused CPU kernel has no mask gradient, and SDPA's math fallback is
-        slower there than the explicit path."""
-        if not self.fast or self.amm_active():
-            return False
-        return bias is None or not bias.requires_grad or bias.device.type != "cpu"
+    def kernel_choice(self, x):
+        """The kernel and head width for attention over x (B, T, C) in the current mode."""
+        if not self.fast:
+            return KernelChoice(EXPLICIT, self.head_dim)
+        grad_enabled = torch.is_grad_enabled()
+        bias_needs_grad = (self.rel_pos_bias is not None and grad_enabled
+                           and self.rel_pos_bias.relative_position_bias_table.requires_grad)
+        return choose_attention_kernel(x.device.type, compute_dtype(x), self.head_dim, amm=self.amm_active(),
+                                       bias_needs_grad=bias_needs_grad, grad_enabled=grad_enabled)
 
     def forward(self, x, token_ids=None):
         """x: (B, T, C); token_ids: optional (B, T) grid positions of x's tokens, when only
         some of the grid's tokens are present (MDT's masked training)."""
-        B, T, C = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, C / heads)
+        B, T, _ = x.shape
+        choice = self.kernel_choice(x)
+        width = choice.head_width
+        qkv = self.project_qkv(x, width).view(B, T, 3, self.num_heads, width)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, width)
         bias = self.rel_pos_bias(token_ids) if self.rel_pos_bias is not None else None  # (1 or B, heads, T, T)
-        if self.uses_sdpa(bias):
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype) if bias is not None else None)
+        if choice.kernel == SDPA:
+            x = sdpa_attention(q, k, v, bias, self.scale)
+        elif choice.kernel == AMM_LSE:
+            x = amm_attention(q, k, v, bias, self.amm_for(token_ids), self.scale)
         else:
-            amm = self.amm_for(token_ids)
-            x = self.explicit_attention(q, k, v, bias, amm, in_place=self.fast and not torch.is_grad_enabled())
-        return self.proj(x.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+            in_place = self.fast and not torch.is_grad_enabled()
+            x = explicit_attention(q, k, v, bias, self.amm_for(token_ids), self.scale, in_place)
+        x = x.transpose(1, 2).reshape(B, T, self.num_heads * width)
+        return self.project_output(x, width)  # (B, T, C)
 
-    def explicit_attention(self, q, k, v, bias, amm, in_place):
-        """softmax(q k^T scale + bias) (times `amm`, if any) v. in_place (no autograd) keeps one
-        (B, heads, T, T) buffer: at inference, allocating three costs more than the arithmetic."""
-        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
-        if bias is not None:
-            scores = scores.add_(bias) if in_place else scores + bias
-        probs = torch.softmax(scores, dim=-1, out=scores) if in_place else scores.softmax(dim=-1)
-        if amm is not None:
-            probs = probs.mul_(amm) if in_place else probs * amm
-        return probs @ v  # (B, heads, T, C / heads)
+    def project_qkv(self, x, width):
+        """(B, T, C) -> (B, T, 3 heads width), each head's q, k and v zero-padded to width."""
+        if width == self.head_dim:
+            return self.qkv(x)
+        weight = self.padded("qkv.weight", self.qkv.weight, axis=0, width=width)
+        bias = self.padded("qkv.bias", self.qkv.bias, axis=0, width=width)
+        return F.linear(x, weight, bias)
+
+    def project_output(self, x, width):
+        """(B, T, heads width) -> (B, T, C); the padding channels meet zero weight columns."""
+        if width == self.head_dim:
+            return self.proj(x)
+        return F.linear(x, self.padded("proj.weight", self.proj.weight, axis=1, width=width), self.proj.bias)
+
+    def padded(self, name, parameter, axis, width):
+        """The parameter with zero-padded heads: derived anew under autograd (its gradient flows
+        to the parameter) and under torch.compile, else kept until the parameter changes."""
+        def derive():
+            return pad_heads(parameter, axis, self.head_dim, width)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return derive()
+        return self.padded_weights.setdefault((name, width), KeptTensor()).get(parameter, derive)

@@ -1,0 +1,136 @@
+"""The attention kernels, and the one function that chooses among them for a device, a dtype, a
+head width and a mask.
+
+Every kernel computes softmax(q k^T scale + bias) v, the probabilities multiplied elementwise by
+the Attention Modulation Matrix (AMM) where one is given, without renormalising:
+
+- explicit: scores, probabilities and AMM as (B, heads, T, T) tensors, the reference's operations.
+- sdpa: `scaled_dot_product_attention` with the bias as its float mask. On CUDA its fused
+  kernels read q, k and v in 16-byte vectors: a head width that is not a multiple of 16 bytes
+  (EDT's 52 in bf16 or fp16) sends it to the unfused math path, so q, k and v are computed at
+  the next multiple with zeros in the extra channels (`padded_head_width`).
+- amm-lse: the AMM as part of the bias, with the softmax's normaliser put back:
+  softmax(s) * M = softmax(s + log M) * exp(lse(s + log M) - lse(s)), from two fused passes that
+  return the log-sum-exp `lse` of each row.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+EXPLICIT = "explicit"
+SDPA = "sdpa"
+AMM_LSE = "amm-lse"
+KERNELS = (EXPLICIT, SDPA, AMM_LSE)
+
+CUDA_VECTOR_BYTES = 16  # the fused CUDA kernels' load width
+# The memory-efficient CUDA kernel reads the bias rows in aligned vectors of this many elements.
+EFFICIENT_BIAS_ALIGNMENT = 16
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    kernel: str  # one of KERNELS
+    head_width: int  # the width q, k and v are computed at: the head's, or padded with zeros
+
+
+def compute_dtype(x):
+    """The dtype that attention on x runs in: autocast's where autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def padded_head_width(head_dim, device_type, dtype):
+    """head_dim rounded up to the fused CUDA kernels' vector width; unchanged elsewhere."""
+    if device_type != "cuda":
+        return head_dim
+    multiple = CUDA_VECTOR_BYTES // dtype.itemsize
+    return -(-head_dim // multiple) * multiple
+
+
+def choose_attention_kernel(device_type, dtype, head_dim, amm=False, bias_needs_grad=False, grad_enabled=False):
+    """The kernel for one attention call (benchmarks/attention_kernels.py measures the choices):
+
+    - AMM blocks: amm-lse on CUDA at inference. Explicit with autograd (the fused kernels do not
+      differentiate their log-sum-exp) and on the CPU, where the in-place explicit pass is as
+      fast as two fused ones.
+    - Otherwise sdpa, except for a CPU bias that needs its gradient (training EDT): the fused
+      CPU kernel has no mask gradient, and SDPA's math fallback is slower than the explicit path.
+    """
+    if amm:
+        if grad_enabled or device_type != "cuda":
+            return KernelChoice(EXPLICIT, head_dim)
+        return KernelChoice(AMM_LSE, padded_head_width(head_dim, device_type, dtype))
+    if device_type == "cpu" and bias_needs_grad:
+        return KernelChoice(EXPLICIT, head_dim)
+    return KernelChoice(SDPA, padded_head_width(head_dim, device_type, dtype))
+
+
+#################################################################################
+#                                   Kernels                                     #
+#################################################################################
+
+def explicit_attention(q, k, v, bias, amm, scale, in_place=False):
+    """q, k, v: (B, heads, T, D); bias: None or broadcastable to (B, heads, T, T); amm: None or
+    broadcastable to the probabilities. in_place (no autograd) keeps one (B, heads, T, T) buffer:
+    at inference, allocating three costs more than the arithmetic."""
+    scores = (q * scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
+    if bias is not None:
+        scores = scores.add_(bias) if in_place else scores + bias
+    probs = torch.softmax(scores, dim=-1, out=scores) if in_place else scores.softmax(dim=-1)
+    if amm is not None:
+        probs = probs.mul_(amm) if in_place else probs * amm
+    return probs @ v  # (B, heads, T, D)
+
+
+def sdpa_attention(q, k, v, bias, scale):
+    mask = None if bias is None else bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, heads, T, D)
+
+
+def attention_with_lse(q, k, v, bias, scale):
+    """(softmax(q k^T scale + bias) v (B, heads, T, D), lse (B, heads, T)) from a fused kernel:
+    the memory-efficient one on CUDA, the flash one on the CPU."""
+    mask = None if bias is None else bias.to(q.dtype)
+    if q.device.type == "cuda":
+        mask = None if mask is None else efficient_kernel_bias(mask, q, k)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, True, scale=scale)[:2]
+        return out, lse[..., :q.shape[-2]]  # the kernel pads lse's rows to its tile
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+
+
+def efficient_kernel_bias(bias, q, k):
+    """The bias as the memory-efficient CUDA kernel reads it, as SDPA hands it over: rows
+    starting at aligned addresses (padded, then sliced back), expanded to (B, heads, T_q, T_k)."""
+    strides_aligned = all(stride % EFFICIENT_BIAS_ALIGNMENT == 0 for stride in bias.stride()[:-1])
+    if not strides_aligned or bias.stride(-1) != 1:
+        length = bias.shape[-1]
+        padding = -length % EFFICIENT_BIAS_ALIGNMENT or EFFICIENT_BIAS_ALIGNMENT
+        bias = F.pad(bias, (0, padding))[..., :length]
+    return bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def amm_attention(q, k, v, bias, amm, scale):
+    """softmax(s) * amm @ v with s = q k^T scale + bias, from two fused passes with log-sum-exp.
+    amm: (T, T) or broadcastable to (B, heads, T, T), zero where no attention is allowed (every
+    row keeps its diagonal, so no row is empty)."""
+    log_amm = amm.log()
+    modulated_bias = log_amm if bias is None else bias + log_amm
+    modulated, modulated_lse = attention_with_lse(q, k, v, modulated_bias, scale)
+    _, lse = attention_with_lse(q, k, v, bias, scale)
+    renormalisation = torch.exp(modulated_lse - lse).unsqueeze(-1)  # (B, heads, T, 1), sum of the modulated probabilities
+    return (modulated * renormalisation).to(q.dtype)  # (B, heads, T, D)
+
+
+#################################################################################
+#                              Head-width padding                               #
+#################################################################################
+
+def pad_heads(tensor, axis, head_dim, width):
+    """Zero-pads each group of head_dim entries along `axis` to `width` entries, e.g. the qkv
+    weight (3 heads head_dim, C) -> (3 heads width, C) along axis 0. Differentiable."""
+    axis %= tensor.dim()
+    grouped = tensor.unflatten(axis, (-1, head_dim))  # (..., groups, head_dim, ...)
+    trailing = grouped.dim() - axis - 2
+    return F.pad(grouped, (0, 0) * trailing + (0, width - head_dim)).flatten(axis, axis + 1)
