@@ -8,7 +8,8 @@ scikit-learn ships (1,797 8x8 images of 10 classes).
 It prints each real command as it runs it: feature extraction on two processes, masked training
 with Adan and EMA, a class grid with and without AMM, 1,000 class-balanced samples per guidance
 scale (DPM-Solver++ SDE, 20 steps) into ADM-style npz files on two processes, and a digits
-evaluation (classifier accuracy and Frechet distance) saved as JSON.
+evaluation (classifier accuracy and Frechet distance) saved as JSON. On CUDA it starts at most
+one process per GPU.
 """
 import argparse
 import glob
@@ -19,6 +20,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+import torch
 
 from digits.dataset import NUM_DIGIT_CLASSES, digits_as_uint8, write_image_folder
 from runtime.cli import require_at_least
@@ -46,12 +49,26 @@ def parse_args(argv=None):
     # saved went to training.
     parser.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver++-sde")
     parser.add_argument("--sampling-steps", type=int, default=20)
-    parser.add_argument("--processes", type=int, default=2, help="for extraction and sampling")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="for extraction and sampling; on CUDA at most one per GPU")
     args = parser.parse_args(argv)
     if args.num_images % NUM_DIGIT_CLASSES:
         raise SystemExit(f"error: --num-images must be a multiple of {NUM_DIGIT_CLASSES} (class-balanced)")
     require_at_least(args, 1, "train_steps", "width", "blocks_per_stage", "batch_size", "sampling_steps", "processes")
+    args.processes = processes_for_devices(args.processes, torch.cuda.is_available(), torch.cuda.device_count())
     return args
+
+
+def process_count(processes):
+    return "one process" if processes == 1 else f"{processes} processes"
+
+
+def processes_for_devices(requested, cuda, gpu_count):
+    """At most one process per GPU on CUDA (each takes cuda:LOCAL_RANK); any number on the CPU."""
+    if not cuda or requested <= gpu_count:
+        return requested
+    print(f"note: {gpu_count} GPU(s) here, so {gpu_count} process(es) instead of {requested}", flush=True)
+    return gpu_count
 
 
 #################################################################################
@@ -121,7 +138,7 @@ def extract(args, train_dir, features):
     run(distributed_command(args.processes, repo_script("extract_features.py"), "--data-path", train_dir,
                             "--features-path", features, "--image-size", str(DIGIT_SIZE), "--vae", "none",
                             "--shard-size", "256", "--num-workers", "0"),
-        "2. pixel features (no VAE at 8x8), two processes")
+        f"2. pixel features (no VAE at 8x8), {process_count(args.processes)}")
 
 
 def train(args, features, results):
@@ -153,7 +170,7 @@ def sample(args, checkpoint, samples, cfg_scale):
                             "--cfg-scale", str(cfg_scale), "--sampler", args.sampler,
                             "--num-sampling-steps", str(args.sampling_steps),
                             "--per-proc-batch-size", "500", "--output-dir", samples),
-        f"5. {args.num_images} class-balanced samples at cfg {cfg_scale} into an npz, two processes")
+        f"5. {args.num_images} class-balanced samples at cfg {cfg_scale} into an npz, {process_count(args.processes)}")
     return only_match(os.path.join(samples, f"*-cfg-{cfg_scale}-*", "samples_*.npz"))
 
 

@@ -81,7 +81,7 @@ def parse_args(argv=None):
     optim.add_argument("--global-seed", type=int, default=0)
     optim.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     optim.add_argument("--grad-checkpointing", action="store_true")
-    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
 
     run = parser.add_argument_group("run")
     run.add_argument("--log-every", type=int, default=100)

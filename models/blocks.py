@@ -8,6 +8,7 @@ from .fast_paths import FastPathSwitch
 from .onednn import PackedLinear
 
 LAYER_NORM_EPS = 1e-6
+COMPILED_GRAPHS_PER_BLOCK = 64
 
 
 def modulate(x, shift, scale, fused=True):
@@ -185,6 +186,18 @@ class GuidedDiffusionModel(nn.Module):
     @property
     def amm_blocks(self):
         return [index for index, block in enumerate(self.blocks) if block.attn.amm is not None]
+
+    def compile_blocks(self):
+        """torch.compile each transformer block in place (regional compilation): blocks of one
+        shape and mode share a compiled graph, so a model compiles a few small graphs instead of
+        one large one, and its parameter names and state dict stay as they are."""
+        blocks = [module for module in self.modules() if isinstance(module, AdaLNBlock)]
+        # One graph per block shape, AMM or not, training or not, and batch size (a second size
+        # compiles one graph for all sizes): more than the default 8 per block for EDT.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
+        for block in blocks:
+            block.compile()
+        return self
 
     def set_fast_paths(self, enabled):
         """The fast paths (the default) or the plain path, the reference implementation's operations

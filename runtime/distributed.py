@@ -40,7 +40,8 @@ def launched_by_torchrun():
 def init_distributed():
     """Picks this process's device and, under torchrun, joins the process group.
 
-    CUDA: device cuda:local_rank, NCCL, TF32 matmuls and convolutions. CPU: gloo.
+    CUDA: device cuda:local_rank, NCCL, TF32 matmuls and convolutions. CPU: gloo. Exits with
+    one line (from the node's first process) when the node runs more processes than it has GPUs.
     """
     if launched_by_torchrun():
         rank = int(os.environ["RANK"])
@@ -50,6 +51,11 @@ def init_distributed():
         rank, world_size, local_rank = 0, 1, 0
 
     if torch.cuda.is_available():
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        shortage = gpu_shortage(local_processes, torch.cuda.device_count())
+        if shortage:
+            # Every process stops, so that none waits for the others in the process group.
+            raise SystemExit(f"error: {shortage}" if local_rank == 0 else 1)
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         enable_tf32()
@@ -59,6 +65,15 @@ def init_distributed():
     if launched_by_torchrun() and not dist.is_initialized():
         join_process_group(device)
     return DistributedContext(rank, world_size, local_rank, device)
+
+
+def gpu_shortage(local_processes, gpu_count):
+    """Why local_processes processes cannot each have a GPU of the gpu_count here; None if they can."""
+    if local_processes <= gpu_count:
+        return None
+    return (f"{local_processes} processes on this node but it has {gpu_count} GPU(s): start at most "
+            f"{gpu_count} per node (torchrun --nproc_per_node {gpu_count}, or accelerate launch "
+            f"--num_processes {gpu_count} per machine)")
 
 
 def join_process_group(device):

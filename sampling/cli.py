@@ -44,7 +44,7 @@ def add_sampling_arguments(parser, cfg_scale):
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default="no",
                         help="autocast the model in fp16 or bf16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
 
 
 def make_sampler(args):

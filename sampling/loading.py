@@ -14,7 +14,6 @@ from models import ALL_MODELS, build_model, model_config
 from runtime import vae as vae_lib
 from runtime.checkpoint import load_weights, read_checkpoint, state_dict_sha256
 
-from .sampler import compile_forward
 
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_NUM_CLASSES = 1000
@@ -60,7 +59,8 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
     amm: None keeps the model's own setting, "default" its published preset, a list of block
     indices those blocks ([] none); amm_variant "256" or "512" (None: the model's default for its
     size). default_model_name is used for a checkpoint that does not
-    record its model when model_name is None; compile_model compiles its forward. Raises
+    record its model when model_name is None; compile_model compiles its
+    transformer blocks (GuidedDiffusionModel.compile_blocks). Raises
     CheckpointError, VAENotFoundError or SamplingSetupError with a message for the user.
     """
     checkpoint = read_checkpoint(ckpt)
@@ -84,7 +84,7 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
     weights_sha256 = state_dict_sha256(weights)
     model = model.to(device).eval()
     if compile_model:
-        compile_forward(model)
+        model.compile_blocks()
     config = model_config(config["name"], **{**config["kwargs"], "amm_blocks": model.amm_blocks,
                                              "amm_variant": model.amm_variant})
     return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape, weights_sha256,

@@ -73,12 +73,6 @@ def balanced_labels(seed, num_images, num_classes):
 #                           Classifier-free guidance                            #
 #################################################################################
 
-def compile_forward(model):
-    """torch.compile the model's forward on the instance, so that forward_with_cfg runs it too."""
-    model.forward = torch.compile(model.forward)
-    return model
-
-
 def guided_model_fn(model, cfg_scale=1.0, cfg_channels=3, precision="no"):
     """model_fn(x, t, y) -> (B, C_out, H, W) for the diffusion loops.
 

@@ -168,6 +168,19 @@ def test_gradient_checkpointing_changes_nothing(features, tmp_path):
     assert_same_tree(plain.optimizer.state_dict(), recomputed.optimizer.state_dict(), "opt")
 
 
+def test_bf16_training_with_compiled_blocks_follows_eager(features, tmp_path):
+    options = ["--global-batch-size", "4", "--max-steps", "2", "--mixed-precision", "bf16", "--log-every", "1"]
+    eager = train(features, tmp_path / "eager", *options)
+    compiled = train(features, tmp_path / "compiled", *options, "--compile")
+    assert all(block._compiled_call_impl is not None for block in compiled.model.blocks)
+    assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()  # checkpoints keep their names
+    losses = [float(open(os.path.join(checkpoint_files(run)[1], "log.txt")).read().split("(step=0000001) loss ")[1]
+                    .split()[0]) for run in (tmp_path / "eager", tmp_path / "compiled")]
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 kernels round differently
+    for name, value in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[name], value, atol=5e-3, rtol=0, msg=name)
+
+
 def test_exact_decoder_nll_is_an_option_of_the_training_diffusion(features, tmp_path, monkeypatch):
     built = []
 

@@ -42,8 +42,9 @@ def total_steps(args, steps_per_epoch):
 
 
 def prepare_model(args, run, state):
-    model = torch.compile(state.model) if args.compile else state.model
-    return run.accelerator.prepare(model, state.optimizer)
+    if args.compile:
+        state.model.compile_blocks()
+    return run.accelerator.prepare(state.model, state.optimizer)
 
 
 def log_progress(run, state, meter, global_batch_size, lr, progress):
