@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.attention import attention_modulation_matrix, gather_token_pairs  # noqa: E402
 from models.attention_kernels import (AMM_LSE, SDPA, amm_attention, choose_attention_kernel,  # noqa: E402
-                                      explicit_attention, sdpa_attention)
+                                      explicit_attention, padded_head_width, sdpa_attention)
 from runtime.io import atomic_path  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,15 +72,16 @@ def pad_last(tensors, width):
     return [F.pad(tensor, (0, width - tensor.shape[-1])) for tensor in tensors]
 
 
-def candidates(case):
-    """{name: (kernel, head width or None for explicit, fn(q, k, v, bias, amm, scale))}."""
+def candidates(case, device_type, dtype):
+    """{name: (kernel, head width or None for explicit, fn(q, k, v, bias, amm, scale))}. The
+    log-sum-exp kernels are called directly, without SDPA's checks: only at widths they take."""
     found = {"explicit": (None, None, lambda q, k, v, bias, amm, scale: explicit_attention(
         q, k, v, bias, amm, scale, in_place=not case.training))}
     widths = sorted({case.head_dim, 56, 64} - {width for width in (56, 64) if width < case.head_dim})
     for width in widths:
         label = "" if width == case.head_dim else f", padded to {width}"
         if case.amm:
-            if not case.training:
+            if not case.training and width == padded_head_width(width, device_type, dtype):
                 found[f"amm-lse{label}"] = (AMM_LSE, width, padded_call(amm_attention, case.head_dim, width))
         else:
             found[f"sdpa{label}"] = (SDPA, width, padded_call(
@@ -160,7 +161,7 @@ def measure(case, dtype_name, device, repeats, batch_size=None):
     chosen = choose_attention_kernel(device.type, dtype, case.head_dim, amm=case.amm,
                                      bias_needs_grad=bias_needs_grad, grad_enabled=case.training)
     rows = []
-    for name, (kernel, width, fn) in candidates(case).items():
+    for name, (kernel, width, fn) in candidates(case, device.type, dtype).items():
         row = {"case": case.name, "batch": case.batch, "dtype": dtype_name, "candidate": name,
                "chosen": (kernel or "explicit") == chosen.kernel and (width or case.head_dim) == chosen.head_width}
         try:

@@ -4,11 +4,11 @@ from runtime.checkpoint import load_checkpoint
 from .blocks import GuidedDiffusionModel
 from .dit import DiT, DiT_models
 from .edt import EDT, EDT_models
-from .macs import count_macs, count_trainable_parameters
+from .macs import count_macs, count_masked_macs, count_trainable_parameters
 from .mdt import MDT_models, MDTv2
 
 __all__ = ["ALL_MODELS", "CUSTOM_MODELS", "DiT", "DiT_models", "EDT", "EDT_models", "GuidedDiffusionModel",
-           "MDT_models", "MDTv2", "build_model", "count_macs", "count_trainable_parameters", "create_model",
+           "MDT_models", "MDTv2", "build_model", "count_macs", "count_masked_macs", "count_trainable_parameters", "create_model",
            "load_checkpoint", "model_config"]
 
 ALL_MODELS = {**EDT_models, **DiT_models, **MDT_models}

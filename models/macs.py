@@ -7,8 +7,9 @@ def linear_macs(linear, tokens=1):
     return tokens * linear.weight.numel()
 
 
-def block_macs(block):
-    tokens = block.attn.grid_size ** 2
+def block_macs(block, tokens=None):
+    """MACs of one block over `tokens` tokens (default: its whole grid)."""
+    tokens = tokens or block.attn.grid_size ** 2
     dim = block.attn.proj.in_features
     attention_matmuls = 2 * tokens * tokens * dim  # q k^T and probs @ v over all heads
     token_linears = [block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2]
@@ -33,6 +34,18 @@ def count_macs(model):
     for concat in getattr(model, "concat_blocks", ()):
         total += linear_macs(concat.adaLN_modulation[1]) + linear_macs(concat.cat, concat.grid_size ** 2)
     return total
+
+
+def count_masked_macs(model, kept_fraction):
+    """MACs of one masked training forward (batch 1). EDT masks by zeroing tokens, as many MACs as
+    a full forward. MDTv2's encoder blocks see kept_fraction of the tokens, and its
+    side-interpolater block runs on all of them."""
+    encoder = list(getattr(model, "en_inblocks", ())) + list(getattr(model, "en_outblocks", ()))
+    if not encoder:
+        return count_macs(model)
+    kept = int(model.pos_embed.shape[1] * kept_fraction)
+    saved = sum(block_macs(block) - block_macs(block, kept) for block in encoder)
+    return count_macs(model) - saved + sum(block_macs(block) for block in model.sideblocks)
 
 
 def count_trainable_parameters(model):

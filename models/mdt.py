@@ -15,6 +15,7 @@ from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, resolve_amm_bl
 
 TRAINING_MASK_RATIO = 0.3  # MDT's published training setting (its run.sh: --mask_ratio 0.30)
 MASK_RATIO_SPREAD = 0.2  # masked training drops mask_ratio + U(0, 0.2) of the tokens
+MEAN_KEPT_FRACTION = 1 - TRAINING_MASK_RATIO - MASK_RATIO_SPREAD / 2  # of the tokens, at the training setting
 MASK_TOKEN_STD = 0.02
 DIFFUSION_STEPS = 1000
 GUIDANCE_SCALE_POWER = 4.0

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import speed
+from benchmarks import attention_kernels, gpu_protocol, speed
 from benchmarks.plain_dit import plain_dit_like
 from diffusion import create_diffusion, create_named_schedule_sampler
 from models import create_model
@@ -134,3 +134,57 @@ def test_bad_arguments_fail_with_one_line(argv, message):
     with pytest.raises(SystemExit) as error:
         speed.parse_args(argv)
     assert message in str(error.value)
+
+
+#################################################################################
+#                        GPU protocol and attention kernels                     #
+#################################################################################
+
+# A stand-in for a checkout of the release: its models_edt.py with the released interface
+# (EDT_models, forward(x, t, y, enable_down_mask=...), the released state dict).
+RELEASE_STAND_IN = '''
+from models import create_model
+
+EDT_models = {"EDT-S/2": lambda **kwargs: create_model("EDT-S/2", **kwargs)}
+'''
+
+
+def test_gpu_protocol_tiny_on_cpu_writes_the_table_with_ratios_and_checks(tmp_path):
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "models_edt.py").write_text(RELEASE_STAND_IN)
+    result = gpu_protocol.main(["--out", str(tmp_path / "out"), "--tiny", "--device", "cpu", "--release-code",
+                                str(release), "--warmup", "0", "--repeats", "1"])
+    rows = {(row["measurement"], row["precision"], row["other"]): row for row in result["rows"]}
+    expected_others = {"MDTv2-S/2": ("inference", "train_masked"), "DiT-S/2": ("inference",),
+                       "release:EDT-S/2": ("inference", "train_masked")}
+    assert set(rows) == {(measurement, precision, other) for other, measurements in expected_others.items()
+                         for measurement in measurements for precision in ("fp32", "bf16")}
+    for row in rows.values():
+        assert row["ratio"] > 0 and row["ours_tflops"] > 0 and 0 < row["ours_matmul_fraction"]
+        assert row["ratio"] == pytest.approx(row["other_ms"] / row["ours_ms"])
+    assert rows["inference", "fp32", "MDTv2-S/2"]["paper"] == 2.29
+    assert rows["train_masked", "bf16", "MDTv2-S/2"]["paper"] == 3.93
+    assert rows["inference", "fp32", "release:EDT-S/2"]["mac_ratio"] == 1.0
+    assert result["matmul_tflops"] > 0
+    checks = result["checks"]
+    assert all(checks[f"{name} bf16 gradients finite"] for name in ("EDT-S/2", "MDTv2-S/2"))
+    assert max(value for name, value in checks.items() if "vs" in name) < 1e-5
+    table = (tmp_path / "out" / "protocol.md").read_text()
+    assert "| masked training step | bf16 | EDT-S/2 |" in table and "3.93x" in table
+    assert json.loads((tmp_path / "out" / "protocol.json").read_text())["rows"][0]["ratio"] == result["rows"][0]["ratio"]
+
+
+def test_gpu_protocol_refuses_a_folder_without_the_release_model(tmp_path):
+    with pytest.raises(SystemExit, match="has no models_edt.py"):
+        gpu_protocol.parse_args(["--out", str(tmp_path), "--release-code", str(tmp_path)])
+
+
+def test_attention_kernel_benchmark_checks_every_candidate_and_marks_the_choice(tmp_path):
+    rows = attention_kernels.main(["--device", "cpu", "--tiny", "--repeats", "1", "--out", str(tmp_path)])
+    for case in {row["case"] for row in rows}:
+        case_rows = [row for row in rows if row["case"] == case]
+        assert sum(row["chosen"] for row in case_rows) == 1
+        assert {"explicit"} < {row["candidate"] for row in case_rows}
+        assert all(row["relative_error"] < 1e-5 and row["ms"] > 0 for row in case_rows)
+    assert (tmp_path / "attention_kernels.md").read_text().count("| yes |") == len({row["case"] for row in rows})

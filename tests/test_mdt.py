@@ -14,7 +14,7 @@ import image_generator
 import image_generator_ddp
 import models
 import train_mask_adan
-from models import count_macs, count_trainable_parameters, create_model, load_checkpoint
+from models import count_macs, count_masked_macs, count_trainable_parameters, create_model, load_checkpoint
 from models.attention import gather_token_pairs
 from models.mdt import MDTv2, power_cosine_guidance_scale
 from runtime.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
@@ -104,6 +104,18 @@ def test_macs_agree_with_torch_flop_counter_and_exceed_edt():
     with torch.device("meta"):
         ratio = count_macs(create_model("MDTv2-S/2")) / count_macs(create_model("EDT-S/2"))
     assert 2.4 < ratio < 2.6
+
+
+def test_masked_pass_macs_agree_with_torch_flop_counter(monkeypatch):
+    monkeypatch.setattr(models.mdt, "MASK_RATIO_SPREAD", 0.0)  # exactly mask_ratio of the tokens dropped
+    model = randomize(tiny_mdt(fast_paths=False, mask_ratio=0.25)).train()
+    x, t, y = inputs(batch=1)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y, enable_mask=True)
+    assert counter.get_total_flops() == 2 * count_masked_macs(model, kept_fraction=0.75)
+    assert count_masked_macs(model, 0.75) < count_macs(model) < count_masked_macs(model, 1.0)  # the side block
+    edt = create_model("EDT", input_size=8, dims=(16,) * 5, num_heads=(2,) * 5, depths=(1,) * 5, patch_size=1)
+    assert count_masked_macs(edt, 0.5) == count_macs(edt)  # EDT zeroes tokens, it does not drop them
 
 
 #################################################################################

@@ -1,0 +1,369 @@
+"""EDT's speed claims on one GPU, in one command: EDT-S/B/XL against MDTv2-S/B/XL (inference and
+the masked training step), EDT-S/2 against DiT-S/2 (inference), and EDT-S/2 against the released
+code with the same weights, in fp32 and bf16, beside the paper's ratios and the MAC ratios.
+
+    python -m benchmarks.gpu_protocol --out results/protocol
+    python -m benchmarks.gpu_protocol --out results/protocol --release-code ~/EDT   # a checkout of the release
+    python -m benchmarks.gpu_protocol --out /tmp/protocol --tiny --device cpu       # small models, a check
+
+Inference is one forward at --inference-batch (256) in eval mode, the AMM on in EDT's default
+blocks; the masked training step is one step at --training-batch (32): forward and backward of
+the full-token and the masked loss (ours as one fused forward of 2B samples, MDTv2's and the
+release's as two passes), Adan and the EMA update. Each pair is measured interleaved (A, B, A, B,
+...) after warm-up; medians. fp32 is IEEE float32 matmuls (TF32 off), bf16 is autocast. A
+training step's TFLOP/s counts 6 x MACs (forward and backward) of its passes, and is set against
+the bf16 matmul rate measured in the same run. Writes OUT/protocol.md and OUT/protocol.json.
+"""
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+from benchmarks import speed  # noqa: E402
+from models.mdt import MEAN_KEPT_FRACTION, TRAINING_MASK_RATIO  # noqa: E402
+from runtime.io import atomic_path  # noqa: E402
+
+RELEASE_PREFIX = "release:"
+# The paper's speed ratios (EDT over the compared model), and the sizes measured.
+PAPER_RATIOS = {("inference", "MDTv2-S/2"): 2.29, ("inference", "MDTv2-B/2"): 2.29,
+                ("inference", "MDTv2-XL/2"): 2.22, ("train_masked", "MDTv2-S/2"): 3.93,
+                ("train_masked", "MDTv2-B/2"): 2.84, ("train_masked", "MDTv2-XL/2"): 1.92,
+                ("inference", "DiT-S/2"): 2.04}
+SIZES = ("S", "B", "XL")
+PRECISIONS = ("fp32", "tf32", "bf16")
+MATMUL_SIDE = {"cuda": 8192, "cpu": 1024}
+# --tiny: custom models of EDT's 52-wide heads, small enough for two CPU cores.
+TINY_LATENT = 16
+TINY_MODELS = {
+    "EDT-S/2": dict(name="EDT", dims=(104, 156, 208, 156, 104), num_heads=(2, 3, 4, 3, 2), depths=(1, 1, 1, 1, 1),
+                    amm_blocks=(3,)),
+    "MDTv2-S/2": dict(name="MDTv2", hidden_size=128, depth=4, num_heads=2, decode_layer=2,
+                      mask_ratio=TRAINING_MASK_RATIO),
+    "DiT-S/2": dict(name="DiT", hidden_size=128, depth=4, num_heads=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    measurement: str  # "inference" or "train_masked" (benchmarks/speed.py's)
+    ours: str
+    other: str  # a model name, or release:EDT-S/2
+
+    @property
+    def paper(self):
+        return PAPER_RATIOS.get((self.measurement, self.other))
+
+
+def comparisons(args):
+    sizes = ("S",) if args.tiny else args.sizes
+    found = [Comparison(measurement, f"EDT-{size}/2", f"MDTv2-{size}/2")
+             for size in sizes for measurement in ("inference", "train_masked")]
+    found.append(Comparison("inference", "EDT-S/2", "DiT-S/2"))
+    if args.release_code:
+        found += [Comparison(measurement, "EDT-S/2", f"{RELEASE_PREFIX}EDT-S/2")
+                  for measurement in ("inference", "train_masked")]
+    return found
+
+
+#################################################################################
+#                                  Models                                       #
+#################################################################################
+
+def load_release_module(release_dir):
+    """The release's models_edt.py, imported from its checkout."""
+    path = os.path.join(release_dir, "models_edt.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --release-code {release_dir} has no models_edt.py (a checkout of the EDT release)")
+    spec = importlib.util.spec_from_file_location("release_models_edt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_ours(name, args, device, registry=False):
+    """Registry models at the latent size, or with --tiny their small stand-ins (unless registry)."""
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        if args.tiny and not registry:
+            config = dict(TINY_MODELS[name])
+            model = models.create_model(config.pop("name"), input_size=TINY_LATENT, patch_size=2, **config)
+        elif name in models.MDT_models:  # trained masked, as MDT trains it
+            model = models.create_model(name, input_size=args.input_size, mask_ratio=TRAINING_MASK_RATIO)
+        else:
+            model = models.create_model(name, input_size=args.input_size)
+    return model.to(device)
+
+
+def build_release(name, ours, args, device):
+    """The released model of that name with our model's weights (the same state dict layout)."""
+    release = load_release_module(args.release_code).EDT_models[name](input_size=args.input_size)
+    release.load_state_dict(ours.state_dict(), strict=True)
+    release.masked_training_flag = "enable_down_mask"  # its training script's two masked passes
+    release.fuses_masked_batch = False
+    return release.to(device)
+
+
+def build_pair(comparison, args, device):
+    if comparison.other.startswith(RELEASE_PREFIX):  # the released architecture, also with --tiny
+        ours = build_ours(comparison.ours, args, device, registry=True)
+        return ours, build_release(comparison.other.removeprefix(RELEASE_PREFIX), ours, args, device)
+    return build_ours(comparison.ours, args, device), build_ours(comparison.other, args, device)
+
+
+#################################################################################
+#                                  Measuring                                    #
+#################################################################################
+
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """fp32: IEEE float32 matmuls; tf32: TF32 tensor cores; bf16: autocast (set by the step)."""
+    fp32_mode = "tf32" if precision == "tf32" else "ieee"
+    previous = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = fp32_mode
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = previous
+
+
+def speed_settings(args, precision, compile_model):
+    """benchmarks/speed.py's settings for its step and inference functions."""
+    return argparse.Namespace(mixed_precision="bf16" if precision == "bf16" else "no", compile=compile_model,
+                              cfg_scale=1.5, warmup=args.warmup, repeats=args.repeats, sampling_repeats=1)
+
+
+def counted_macs(model, ours, measurement):
+    """MACs of one sample's measured forwards (the release's counted on our model of the same weights)."""
+    counted = model if isinstance(model, models.GuidedDiffusionModel) else ours
+    if measurement == "train_masked":
+        return models.count_macs(counted) + models.count_masked_macs(counted, MEAN_KEPT_FRACTION)
+    return models.count_macs(counted)
+
+
+def measure_pair(comparison, precision, args, device):
+    """Both models' summaries for one comparison in one precision, measured interleaved."""
+    ours, other = build_pair(comparison, args, device)
+    settings = speed_settings(args, precision, args.compile)
+    other_settings = speed_settings(args, precision, args.compile and not comparison.other.startswith(RELEASE_PREFIX))
+    variants = [speed.Variant(comparison.ours, comparison.ours, ours, True, settings, device),
+                speed.Variant(comparison.other, comparison.other, other, True, other_settings, device)]
+    training = comparison.measurement == "train_masked"
+    batch = args.training_batch if training else args.inference_batch
+    x, y, t = speed.make_inputs(batch, args.input_size, device, torch.Generator().manual_seed(args.seed))
+    ops = {variant.label: {comparison.measurement: (
+        speed.training_step_fn(variant, True, x, y, settings, device) if training
+        else speed.inference_fn(variant, x, y, t, False, settings, device), batch, "samples/s")}
+        for variant in variants}
+    with matmul_precision(precision):
+        first_calls = {}
+        for variant in variants:  # with --compile, the compilation
+            speed.prepare_mode(variant, comparison.measurement)
+            first_calls[variant.label] = speed.timed(ops[variant.label][comparison.measurement][0], device)
+        times = speed.measure_interleaved(variants, comparison.measurement, ops, settings, device)
+    summaries = {}
+    for variant in variants:
+        summary = speed.summarize(times[variant.label], batch, "samples/s")
+        summary["first_call_s"] = first_calls[variant.label]
+        summary["macs_per_sample"] = counted_macs(variant.model, ours, comparison.measurement)
+        passes = 3 if training else 1  # backward: twice the forward's matmuls
+        summary["tflops"] = 2 * passes * summary["macs_per_sample"] * batch / summary["median_s"] / 1e12
+        summaries[variant.label] = summary
+    return summaries
+
+
+def matmul_tflops(device, dtype=torch.bfloat16, repeats=10):
+    """The device's dense matmul rate on random data: the median of `repeats` products."""
+    side = MATMUL_SIDE.get(device.type, MATMUL_SIDE["cpu"])
+    a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    seconds = statistics.median(speed.timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * side ** 3 / seconds / 1e12
+
+
+#################################################################################
+#                                   Checks                                      #
+#################################################################################
+
+def relative_error(actual, expected):
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def correctness_checks(args, device):
+    """On this device: EDT-S/2's and MDTv2-S/2's kernel paths against the plain path in IEEE fp32
+    (outputs at inference with the AMM, bias gradients in training), bf16 gradients finite, and
+    the release's outputs for the same weights."""
+    checks = {}
+    batch = min(args.inference_batch, 8)
+    x, y, t = speed.make_inputs(batch, args.input_size, device, torch.Generator().manual_seed(args.seed))
+    with matmul_precision("fp32"):
+        for name in ("EDT-S/2", "MDTv2-S/2"):
+            model = build_ours(name, args, device, registry=True)
+            with torch.no_grad():
+                for param in model.parameters():  # adaLN-Zero would make every block the identity
+                    param.normal_(std=0.02)
+            checks[f"{name} kernels vs plain, inference"] = paths_agree(model, lambda m: inference(m, x, t, y))
+            checks[f"{name} kernels vs plain, bias gradient"] = paths_agree(
+                model, lambda m: bias_gradients(m, x, t, y))
+            model.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(x, t, y).float().square().mean()
+            loss.backward()
+            checks[f"{name} bf16 gradients finite"] = all(
+                torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
+            if name == "EDT-S/2" and args.release_code:
+                release = build_release(name, model, args, device).eval()
+                with torch.no_grad():
+                    checks["EDT-S/2 ours vs release, inference"] = relative_error(inference(model, x, t, y),
+                                                                                  release(x, t, y))
+    return checks
+
+
+@torch.no_grad()
+def inference(model, x, t, y):
+    return model.eval()(x, t, y)
+
+
+def bias_gradients(model, x, t, y):
+    """The relative position tables' gradients of one training forward (no label drops)."""
+    model.train().zero_grad(set_to_none=True)
+    model.y_embedder.dropout_prob = 0.0
+    model(x, t, y).square().mean().backward()
+    return torch.cat([block.attn.rel_pos_bias.relative_position_bias_table.grad.flatten() for block in model.blocks])
+
+
+def paths_agree(model, run):
+    """Largest relative difference between what the kernel paths and the plain path compute."""
+    model.set_fast_paths(True)
+    fast = run(model)
+    model.set_fast_paths(False)
+    plain = run(model)
+    model.set_fast_paths(True)
+    return relative_error(fast, plain)
+
+
+#################################################################################
+#                                   Report                                      #
+#################################################################################
+
+def row_for(comparison, precision, summaries, matmul_rate):
+    ours, other = summaries[comparison.ours], summaries[comparison.other]
+    return {"measurement": comparison.measurement, "precision": precision, "ours": comparison.ours,
+            "other": comparison.other, "ours_ms": ours["median_s"] * 1e3, "other_ms": other["median_s"] * 1e3,
+            "ratio": other["median_s"] / ours["median_s"], "paper": comparison.paper,
+            "mac_ratio": other["macs_per_sample"] / ours["macs_per_sample"],
+            "ours_tflops": ours["tflops"], "other_tflops": other["tflops"],
+            "ours_matmul_fraction": ours["tflops"] / matmul_rate,
+            "other_matmul_fraction": other["tflops"] / matmul_rate, "summaries": summaries}
+
+
+MEASUREMENT_NAMES = {"inference": "inference", "train_masked": "masked training step"}
+
+
+def markdown(result):
+    settings = result["settings"]
+    lines = [f"Device: {settings['device_name']}; torch {settings['torch']}; inference batch "
+             f"{settings['inference_batch']}, training batch {settings['training_batch']}, latent "
+             f"{settings['input_size']}; compile: {settings['compile']}; bf16 matmul rate measured: "
+             f"{result['matmul_tflops']:.1f} TFLOP/s", "",
+             "| measurement | precision | EDT | ms | compared with | ms | ratio | paper | MAC ratio | "
+             "EDT TFLOP/s (of matmul rate) | other TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        paper = f"{row['paper']:.2f}x" if row["paper"] else ""
+        lines.append(f"| {MEASUREMENT_NAMES[row['measurement']]} | {row['precision']} | {row['ours']} | "
+                     f"{row['ours_ms']:.2f} | {row['other']} | {row['other_ms']:.2f} | {row['ratio']:.2f}x | {paper} | "
+                     f"{row['mac_ratio']:.2f}x | {row['ours_tflops']:.3g} ({row['ours_matmul_fraction']:.0%}) | "
+                     f"{row['other_tflops']:.3g} ({row['other_matmul_fraction']:.0%}) |")
+    lines += ["", "Checks on this device:"]
+    lines += [f"- {name}: {value:.2e}" if isinstance(value, float) else f"- {name}: {value}"
+              for name, value in result["checks"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result, out):
+    os.makedirs(out, exist_ok=True)
+    with atomic_path(os.path.join(out, "protocol.json")) as path, open(path, "w") as file:
+        json.dump(result, file, indent=2)
+    with atomic_path(os.path.join(out, "protocol.md")) as path, open(path, "w") as file:
+        file.write(markdown(result))
+
+
+#################################################################################
+#                                    Main                                       #
+#################################################################################
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for protocol.md and protocol.json")
+    parser.add_argument("--release-code", default=None, help="a checkout of the EDT release (its models_edt.py)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="small stand-in models and batches (a check, e.g. on CPU)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"])
+    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
+    parser.add_argument("--compile", action="store_true", help="compile our models' blocks (not the release's)")
+    parser.add_argument("--inference-batch", type=int, default=None, help="default 256 (tiny: 8)")
+    parser.add_argument("--training-batch", type=int, default=None, help="default 32 (tiny: 4)")
+    parser.add_argument("--latent-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    if args.release_code and not os.path.isfile(os.path.join(args.release_code, "models_edt.py")):
+        raise SystemExit(f"error: --release-code {args.release_code} has no models_edt.py (a checkout of the EDT release)")
+    args.inference_batch = args.inference_batch or (8 if args.tiny else 256)
+    args.training_batch = args.training_batch or (4 if args.tiny else 32)
+    args.input_size = TINY_LATENT if args.tiny else args.latent_size
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    result = {"settings": {**vars(args), "device_name": device_name(device), "torch": torch.__version__,
+                           "machine": platform.machine()},
+              "matmul_tflops": matmul_tflops(device), "rows": []}
+    result["checks"] = correctness_checks(args, device)
+    for comparison in comparisons(args):
+        for precision in args.precisions:
+            summaries = measure_pair(comparison, precision, args, device)
+            result["rows"].append(row_for(comparison, precision, summaries, result["matmul_tflops"]))
+            print(markdown_row_line(result["rows"][-1]), flush=True)
+        release_memory(device)
+    result["seconds"] = time.perf_counter() - started
+    write_outputs(result, args.out)
+    print(markdown(result))
+    print(f"protocol: {result['seconds']:.0f} s; written to {args.out}/protocol.md and protocol.json")
+    return result
+
+
+def markdown_row_line(row):
+    return (f"{MEASUREMENT_NAMES[row['measurement']]}, {row['precision']}: {row['ours']} {row['ours_ms']:.2f} ms, "
+            f"{row['other']} {row['other_ms']:.2f} ms, ratio {row['ratio']:.2f}x")
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def release_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
