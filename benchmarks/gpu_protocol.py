@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from benchmarks import speed  # noqa: E402
 from models.mdt import MEAN_KEPT_FRACTION, TRAINING_MASK_RATIO  # noqa: E402
+from runtime.cuda_graphs import CUDAGraphed  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
 
 RELEASE_PREFIX = "release:"
@@ -60,6 +61,7 @@ class Comparison:
     measurement: str  # "inference" or "train_masked" (benchmarks/speed.py's)
     ours: str
     other: str  # a model name, or release:EDT-S/2
+    cuda_graphs: bool = False  # inference replayed from CUDA graphs (ours only)
 
     @property
     def paper(self):
@@ -68,12 +70,17 @@ class Comparison:
 
 def comparisons(args):
     sizes = ("S",) if args.tiny else args.sizes
-    found = [Comparison(measurement, f"EDT-{size}/2", f"MDTv2-{size}/2")
-             for size in sizes for measurement in ("inference", "train_masked")]
-    found.append(Comparison("inference", "EDT-S/2", "DiT-S/2"))
+    pairs = [(f"EDT-{size}/2", f"MDTv2-{size}/2") for size in sizes] + [("EDT-S/2", "DiT-S/2")]
+    found = []
+    for ours, other in pairs:
+        for measurement in args.measurements:
+            if measurement == "train_masked" and other.startswith("DiT"):
+                continue
+            found.append(Comparison(measurement, ours, other))
+            if measurement == "inference" and args.cuda_graphs:
+                found.append(Comparison(measurement, ours, other, cuda_graphs=True))
     if args.release_code:
-        found += [Comparison(measurement, "EDT-S/2", f"{RELEASE_PREFIX}EDT-S/2")
-                  for measurement in ("inference", "train_masked")]
+        found += [Comparison(measurement, "EDT-S/2", f"{RELEASE_PREFIX}EDT-S/2") for measurement in args.measurements]
     return found
 
 
@@ -164,6 +171,7 @@ def measure_pair(comparison, precision, args, device):
     x, y, t = speed.make_inputs(batch, args.input_size, device, torch.Generator().manual_seed(args.seed))
     ops = {variant.label: {comparison.measurement: (
         speed.training_step_fn(variant, True, x, y, settings, device) if training
+        else graphed_inference_fn(variant.model, x, y, t, precision, device) if comparison.cuda_graphs
         else speed.inference_fn(variant, x, y, t, False, settings, device), batch, "samples/s")}
         for variant in variants}
     with matmul_precision(precision):
@@ -181,6 +189,19 @@ def measure_pair(comparison, precision, args, device):
         summary["tflops"] = 2 * passes * summary["macs_per_sample"] * batch / summary["median_s"] / 1e12
         summaries[variant.label] = summary
     return summaries
+
+
+def graphed_inference(model, precision, device):
+    """model(x, t, y) under the precision's autocast, replayed from CUDA graphs."""
+    def forward(x, t, y):
+        with speed.autocast(device, "bf16" if precision == "bf16" else "no"):
+            return model(x, t, y)
+    return CUDAGraphed(forward)
+
+
+def graphed_inference_fn(model, x, y, t, precision, device):
+    graphed = graphed_inference(model, precision, device)
+    return lambda: graphed(x, t, y)
 
 
 def matmul_tflops(device, dtype=torch.bfloat16, repeats=10):
@@ -223,12 +244,24 @@ def correctness_checks(args, device):
             loss.backward()
             checks[f"{name} bf16 gradients finite"] = all(
                 torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
+            if device.type == "cuda":
+                checks[f"{name} CUDA graphs vs eager, bf16 inference, max abs difference"] = graph_difference(
+                    model, x, t, y, device)
             if name == "EDT-S/2" and args.release_code:
                 release = build_release(name, model, args, device).eval()
                 with torch.no_grad():
                     checks["EDT-S/2 ours vs release, inference"] = relative_error(inference(model, x, t, y),
                                                                                   release(x, t, y))
     return checks
+
+
+def graph_difference(model, x, t, y, device):
+    model.eval()
+    graphed = graphed_inference(model, "bf16", device)
+    with torch.no_grad(), speed.autocast(device, "bf16"):
+        eager = model(x, t, y)
+    replays = [graphed(x, t, y) for _ in range(2)]
+    return max((replay.float() - eager.float()).abs().max().item() for replay in replays)
 
 
 @torch.no_grad()
@@ -260,7 +293,8 @@ def paths_agree(model, run):
 
 def row_for(comparison, precision, summaries, matmul_rate):
     ours, other = summaries[comparison.ours], summaries[comparison.other]
-    return {"measurement": comparison.measurement, "precision": precision, "ours": comparison.ours,
+    return {"measurement": comparison.measurement, "cuda_graphs": comparison.cuda_graphs,
+            "precision": precision, "ours": comparison.ours,
             "other": comparison.other, "ours_ms": ours["median_s"] * 1e3, "other_ms": other["median_s"] * 1e3,
             "ratio": other["median_s"] / ours["median_s"], "paper": comparison.paper,
             "mac_ratio": other["macs_per_sample"] / ours["macs_per_sample"],
@@ -270,6 +304,10 @@ def row_for(comparison, precision, summaries, matmul_rate):
 
 
 MEASUREMENT_NAMES = {"inference": "inference", "train_masked": "masked training step"}
+
+
+def measurement_name(row):
+    return MEASUREMENT_NAMES[row["measurement"]] + (", CUDA graphs" if row["cuda_graphs"] else "")
 
 
 def markdown(result):
@@ -282,7 +320,7 @@ def markdown(result):
              "EDT TFLOP/s (of matmul rate) | other TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         paper = f"{row['paper']:.2f}x" if row["paper"] else ""
-        lines.append(f"| {MEASUREMENT_NAMES[row['measurement']]} | {row['precision']} | {row['ours']} | "
+        lines.append(f"| {measurement_name(row)} | {row['precision']} | {row['ours']} | "
                      f"{row['ours_ms']:.2f} | {row['other']} | {row['other_ms']:.2f} | {row['ratio']:.2f}x | {paper} | "
                      f"{row['mac_ratio']:.2f}x | {row['ours_tflops']:.3g} ({row['ours_matmul_fraction']:.0%}) | "
                      f"{row['other_tflops']:.3g} ({row['other_matmul_fraction']:.0%}) |")
@@ -312,7 +350,10 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="small stand-in models and batches (a check, e.g. on CPU)")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
+    parser.add_argument("--measurements", nargs="+", choices=tuple(MEASUREMENT_NAMES), default=list(MEASUREMENT_NAMES))
     parser.add_argument("--compile", action="store_true", help="compile our models' blocks (not the release's)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also our models' inference replayed from CUDA graphs (CUDA only)")
     parser.add_argument("--inference-batch", type=int, default=None, help="default 256 (tiny: 8)")
     parser.add_argument("--training-batch", type=int, default=None, help="default 32 (tiny: 4)")
     parser.add_argument("--latent-size", type=int, default=32)
@@ -322,6 +363,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        raise SystemExit("error: --cuda-graphs needs --device cuda")
     if args.release_code and not os.path.isfile(os.path.join(args.release_code, "models_edt.py")):
         raise SystemExit(f"error: --release-code {args.release_code} has no models_edt.py (a checkout of the EDT release)")
     args.inference_batch = args.inference_batch or (8 if args.tiny else 256)
@@ -352,7 +395,7 @@ def main(argv=None):
 
 
 def markdown_row_line(row):
-    return (f"{MEASUREMENT_NAMES[row['measurement']]}, {row['precision']}: {row['ours']} {row['ours_ms']:.2f} ms, "
+    return (f"{measurement_name(row)}, {row['precision']}: {row['ours']} {row['ours_ms']:.2f} ms, "
             f"{row['other']} {row['other_ms']:.2f} ms, ratio {row['ratio']:.2f}x")
 
 

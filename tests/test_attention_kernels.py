@@ -105,6 +105,8 @@ def test_kernel_choice_by_device_dtype_width_and_mask():
     assert choose_attention_kernel("cuda", bf16, 64) == KernelChoice(SDPA, 64)
     assert choose_attention_kernel("cuda", bf16, 72) == KernelChoice(SDPA, 72)
     assert choose_attention_kernel("cuda", bf16, 52, amm=True) == KernelChoice(AMM_LSE, 56)
+    assert choose_attention_kernel("cuda", fp16, 52, amm=True) == KernelChoice(AMM_LSE, 56)
+    assert choose_attention_kernel("cuda", fp32, 52, amm=True) == KernelChoice(EXPLICIT, 52)
     assert choose_attention_kernel("cuda", bf16, 72, amm=True, grad_enabled=True) == KernelChoice(EXPLICIT, 72)
     # The CPU: never padded; the explicit path where its fused kernel has no mask gradient, and for the AMM.
     assert choose_attention_kernel("cpu", fp32, 52) == KernelChoice(SDPA, 52)

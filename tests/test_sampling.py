@@ -362,6 +362,7 @@ def test_grid_script_compares_amm_from_the_same_noise(files, tmp_path, capsys):
     ("ckpt", ["--image-size", "32"], "takes inputs of shape (4, 8, 8)"),
     ("ckpt", ["--amm-blocks", "9"], "out of range"),
     ("ckpt", ["--class-balanced", "--num-images", "15"], "divisible by 10 classes"),
+    ("ckpt", ["--cuda-graphs"], "--cuda-graphs needs a GPU"),
 ])
 def test_bad_input_fails_with_one_clear_error_before_any_work(files, tmp_path, ckpt, extra, message):
     argv = ddp_args(files, tmp_path / "out", *extra, ckpt=files.get(ckpt, str(tmp_path / ckpt)))
