@@ -343,6 +343,10 @@ def test_grid_script_compares_amm_from_the_same_noise(files, tmp_path, capsys):
     compiled = np.asarray(Image.open(tmp_path / "plain" / base.format("noamm"))).astype(int)
     assert np.abs(compiled - without_amm).max() <= 1  # compiled kernels round differently in the last bits
 
+    image_generator.main([*args, "--no-amm", "--mixed-precision", "bf16", "--output-dir", str(tmp_path / "bf16")])
+    bf16 = np.asarray(Image.open(tmp_path / "bf16" / base.format("noamm").replace(".png", "-amp-bf16.png")))
+    assert 0 < np.abs(bf16.astype(int) - without_amm).mean() < 1.0
+
     image_generator.main([*args, "--no-amm", "--zoom", "3", "--output-dir", str(tmp_path / "zoomed")])
     zoomed = np.asarray(Image.open(tmp_path / "zoomed" / base.format("noamm")))
     assert zoomed.shape == (3 * without_amm.shape[0], 3 * without_amm.shape[1], 3)
