@@ -14,7 +14,10 @@ released train_adan.py). Checkpoints go to
 RESULTS/NNN-MODEL/checkpoints/{step:07d}.pt; --resume latest continues the newest one
 bit-exactly, or starts a new run when there is none, so the same command serves the first
 launch, torchrun's restarts (--max-restarts) and a requeue. SIGTERM (preemption) saves a
-checkpoint at the next step boundary and exits 0.
+checkpoint at the next step boundary and exits 0. A step whose loss or gradient is not finite
+on any process is skipped by all of them; --max-bad-steps in a row stop the run (or, with
+--rollback, reload the last checkpoint and go on past them); --grad-clip clips the gradient
+norm; loss spikes are logged (training/guard.py).
 """
 import argparse
 
@@ -82,6 +85,17 @@ def parse_args(argv=None):
     optim.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     optim.add_argument("--grad-checkpointing", action="store_true")
     optim.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    optim.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
+                       help="clip the global gradient norm to NORM (off by default, as released)")
+
+    guard = parser.add_argument_group("bad steps")
+    guard.add_argument("--max-bad-steps", type=int, default=3,
+                       help="steps with a non-finite loss or gradient are skipped; this many in a row stop the run")
+    guard.add_argument("--rollback", action="store_true",
+                       help="instead of stopping, reload the last checkpoint and go on past the bad steps")
+    guard.add_argument("--loss-spike-factor", type=float, default=3.0,
+                       help="log a step whose loss exceeds this many times the running median")
+    guard.add_argument("--loss-spike-window", type=int, default=200, help="steps in the running median")
 
     run = parser.add_argument_group("run")
     run.add_argument("--log-every", type=int, default=100)
@@ -90,7 +104,12 @@ def parse_args(argv=None):
                      help="a checkpoint file, or 'latest' (the newest of this model, if any)")
     args = parser.parse_args(argv)
 
-    require_at_least(args, 1, "epochs", "global_batch_size", "log_every", "ckpt_every", "max_steps", "mini_batch_size")
+    require_at_least(args, 1, "epochs", "global_batch_size", "log_every", "ckpt_every", "max_steps", "mini_batch_size",
+                     "max_bad_steps", "loss_spike_window")
+    if args.grad_clip is not None and args.grad_clip <= 0:
+        raise SystemExit("error: --grad-clip must be positive")
+    if args.loss_spike_factor <= 1:
+        raise SystemExit("error: --loss-spike-factor must be above 1")
     if args.fused_mask_batch and args.no_mask:
         raise SystemExit("error: --fused-mask-batch fuses the masked pass; it has no use with --no-mask")
     if args.init_lr is None:

@@ -24,7 +24,6 @@ import platform
 import statistics
 import sys
 import time
-from typing import Optional
 
 import torch
 

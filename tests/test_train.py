@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 import models
 import train_mask_adan
@@ -168,7 +169,16 @@ def test_gradient_checkpointing_changes_nothing(features, tmp_path):
     assert_same_tree(plain.optimizer.state_dict(), recomputed.optimizer.state_dict(), "opt")
 
 
-def test_bf16_training_with_compiled_blocks_follows_eager(features, tmp_path):
+@pytest.fixture
+def bf16_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process: this test's bf16 runs get a
+    state of their own, and the tests after it get back a fresh one."""
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_training_with_compiled_blocks_follows_eager(features, tmp_path, bf16_accelerator_state):
     options = ["--global-batch-size", "4", "--max-steps", "2", "--mixed-precision", "bf16", "--log-every", "1"]
     eager = train(features, tmp_path / "eager", *options)
     compiled = train(features, tmp_path / "compiled", *options, "--compile")

@@ -10,6 +10,7 @@ import models
 from diffusion import create_diffusion, create_named_schedule_sampler
 from runtime.ema import create_ema
 
+from .guard import BadStepGuard
 from .state import TrainState
 
 # Adan as in sail-sg/Adan and the EDT release: no weight decay, no gradient clipping.
@@ -44,8 +45,9 @@ def build_training(args, config, run):
     optimizer = Adan(model.parameters(), lr=args.init_lr, betas=ADAN_BETAS, eps=ADAN_EPS,
                      weight_decay=0.0)
     diffusion = create_diffusion(timestep_respacing="", exact_decoder_nll=args.exact_decoder_nll)
+    guard = BadStepGuard(args.max_bad_steps, args.loss_spike_factor, args.loss_spike_window)
     state = TrainState(model, ema, optimizer, create_named_schedule_sampler(args.schedule_sampler, diffusion),
-                       grad_scaler=run.accelerator.scaler, description=describe_run(args, config))
+                       grad_scaler=run.accelerator.scaler, guard=guard, description=describe_run(args, config))
     if run.resume_checkpoint is not None:
         if not state.load(run.resume_checkpoint, run.rank, run.world_size):
             run.logger.warning(f"the checkpoint was written by {run.resume_checkpoint['world_size']} "

@@ -1,38 +1,55 @@
-"""The training loop: epochs of steps, EMA, logging and periodic checkpoints."""
+"""The training loop: epochs of steps, EMA, logging, periodic checkpoints, and what happens
+after bad steps (training/guard.py)."""
 import math
 import time
 
 import torch
 from tqdm import tqdm
 
+from runtime.checkpoint import read_checkpoint
 from runtime.ema import update_ema, warmed_up_decay
 
+from .guard import TooManyBadSteps, describe_bad_step
 from .preemption import PreemptionWatch
 from .schedule import learning_rate, set_learning_rate
+from .setup import latest_checkpoint
 from .step import optimization_step
+
+MAX_ROLLBACKS_PER_CHECKPOINT = 3  # then the bad steps follow the checkpoint, not the data
 
 
 class LossMeter:
-    """Sums step losses on the device (no per-step synchronisation) until the next log."""
+    """Sums the losses of the steps taken on the device (no extra synchronisation) and counts
+    the skipped ones until the next log."""
 
     def __init__(self):
         self.reset()
 
     def reset(self):
         self.sums = None
+        self.grad_norm_sum = 0.0
         self.steps = 0
+        self.skipped = 0
         self.start = time.perf_counter()
 
-    def add(self, losses):
+    def add(self, losses, check):
+        if check.skipped:
+            self.skipped += 1
+            return
         values = torch.stack([losses.total, losses.full, losses.masked])  # (3,)
         self.sums = values if self.sums is None else self.sums + values
+        self.grad_norm_sum += check.grad_norm
         self.steps += 1
 
     def summary(self, accelerator, global_batch_size):
-        """Losses averaged over steps and processes, and the throughput since the last reset."""
-        means = accelerator.reduce(self.sums / self.steps, reduction="mean").tolist()
-        steps_per_sec = self.steps / (time.perf_counter() - self.start)
+        """Losses and gradient norm averaged over the steps taken and the processes, the skipped
+        steps, and the throughput since the last reset."""
+        taken = max(self.steps, 1)
+        sums = self.sums if self.sums is not None else torch.full((3,), math.nan, device=accelerator.device)
+        means = accelerator.reduce(sums / taken, reduction="mean").tolist()
+        steps_per_sec = (self.steps + self.skipped) / (time.perf_counter() - self.start)
         return {"loss": means[0], "loss_full": means[1], "loss_masked": means[2],
+                "grad_norm": self.grad_norm_sum / taken if self.steps else math.nan, "skipped_steps": self.skipped,
                 "steps_per_sec": steps_per_sec, "samples_per_sec": steps_per_sec * global_batch_size}
 
 
@@ -49,9 +66,10 @@ def prepare_model(args, run, state):
 
 def log_progress(run, state, meter, global_batch_size, lr, progress):
     summary = meter.summary(run.accelerator, global_batch_size)
+    skipped = f", {summary['skipped_steps']} skipped" if summary["skipped_steps"] else ""
     run.logger.info(f"(step={state.step:07d}) loss {summary['loss']:.4f} (full {summary['loss_full']:.4f}, "
-                    f"masked {summary['loss_masked']:.4f}), lr {lr:.3g}, "
-                    f"{summary['steps_per_sec']:.2f} steps/s, {summary['samples_per_sec']:.1f} samples/s")
+                    f"masked {summary['loss_masked']:.4f}), grad norm {summary['grad_norm']:.4g}{skipped}, "
+                    f"lr {lr:.3g}, {summary['steps_per_sec']:.2f} steps/s, {summary['samples_per_sec']:.1f} samples/s")
     if run.writer is not None:
         for name, value in {**summary, "lr": lr}.items():
             run.writer.add_scalar(f"train/{name}", value, state.step)
@@ -66,15 +84,66 @@ def save(run, state):
 
 
 def train_step(args, run, state, model, optimizer, diffusion, micro_batches, mask_flag):
-    """One optimizer update and its EMA update; returns (losses, learning rate)."""
+    """One optimizer update and its EMA update, both skipped for a step that is not finite;
+    returns (losses, learning rate, StepCheck, this process's timesteps)."""
     lr = learning_rate(state.step, args.init_lr, args.final_lr, args.lr_decay_steps)
     set_learning_rate(optimizer, lr)
-    losses = optimization_step(run.accelerator, model, optimizer, diffusion,
-                               state.schedule_sampler, micro_batches, mask_flag=mask_flag,
-                               fused=args.fused_mask_batch)
-    decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
-    update_ema(state.ema, state.model, decay)
-    return losses, lr
+    losses, check, timesteps = optimization_step(run.accelerator, model, optimizer, diffusion,
+                                                 state.schedule_sampler, micro_batches, mask_flag=mask_flag,
+                                                 fused=args.fused_mask_batch, grad_clip=args.grad_clip)
+    if not check.skipped:
+        decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
+        update_ema(state.ema, state.model, decay)
+    return losses, lr, check, timesteps
+
+
+def watch_step(args, run, state, check, timesteps):
+    """Logs a skipped step or a loss spike of the step just counted; returns True after a
+    rollback (the data order then restarts at the current step). Stops the run, or rolls back
+    with --rollback, after --max-bad-steps bad steps in a row."""
+    position = f"step {state.step:07d} (epoch {state.epoch}, step {state.epoch_step} of the epoch)"
+    if check.skipped:
+        details = describe_bad_step(run.accelerator, check, timesteps)
+        run.logger.warning(f"skipped {position}: {details}; {state.guard.in_a_row + check.bad} in a row")
+    try:
+        spike = state.guard.record(state.step, check)
+    except TooManyBadSteps as error:
+        if not args.rollback:
+            stop_after_bad_steps(run, error)
+        roll_back(run, state, error)
+        return True
+    if spike is not None:
+        run.logger.warning(f"loss spike at {position}: {check.loss:.4f}, {spike:.1f} times the running median")
+        if run.writer is not None:
+            run.writer.add_scalar("train/loss_spike_ratio", spike, state.step)
+    return False
+
+
+def stop_after_bad_steps(run, error):
+    last = latest_checkpoint(run.experiment_dir)
+    kept = f"the last checkpoint, {last}, is kept as it was" if last else "no checkpoint was saved yet"
+    message = f"{error}; stopped without saving: {kept} (--rollback reloads it and goes on past them)"
+    run.logger.error(message)
+    raise SystemExit(f"error: {message}" if run.is_main else 1)
+
+
+def roll_back(run, state, error):
+    """Reloads the last checkpoint into `state` and keeps the current position, so the data order
+    goes on past the bad steps."""
+    path = latest_checkpoint(run.experiment_dir)
+    if path is None or state.guard.rollbacks >= MAX_ROLLBACKS_PER_CHECKPOINT:
+        reason = ("no checkpoint to roll back to" if path is None else
+                  f"rolled back to {path} {state.guard.rollbacks} times already")
+        stop_after_bad_steps(run, f"{error}, {reason}")
+    position = (state.step, state.epoch, state.epoch_step)
+    counts = state.guard.state_dict()
+    checkpoint = read_checkpoint(path)
+    state.load(checkpoint, run.rank, run.world_size)
+    state.step, state.epoch, state.epoch_step = position
+    state.guard.load_state_dict({**counts, "in_a_row": 0, "first_of_run": None})
+    state.guard.rollbacks += 1
+    run.logger.warning(f"{error}: rolled back to {path} (step {checkpoint['step']}); going on from step "
+                       f"{state.step}, past them")
 
 
 def train(args, run, state, diffusion, data):
@@ -94,16 +163,20 @@ def train(args, run, state, diffusion, data):
     with PreemptionWatch(run.accelerator) as preemption:
         while state.step < last_step and not preempted:
             for micro_batches in data.steps(state.epoch, state.epoch_step):
-                losses, lr = train_step(args, run, state, model, optimizer, diffusion,
-                                        micro_batches, mask_flag)
+                losses, lr, check, timesteps = train_step(args, run, state, model, optimizer, diffusion,
+                                                          micro_batches, mask_flag)
                 state.advance(data.steps_per_epoch)
-                meter.add(losses)
+                meter.add(losses, check)
                 progress.update(1)
+                if watch_step(args, run, state, check, timesteps):
+                    break  # rolled back: the data order restarts at the current step
                 if state.step % args.log_every == 0:
                     log_progress(run, state, meter, args.global_batch_size, lr, progress)
-                if state.step % args.ckpt_every == 0:
+                # No checkpoint in the middle of bad steps: the last one stays the one to go back to.
+                if state.step % args.ckpt_every == 0 and not state.guard.in_a_row:
                     save(run, state)
                     saved_step = state.step
+                    state.guard.rollbacks = 0
                 if state.step >= last_step:
                     break
                 if preemption.should_stop():

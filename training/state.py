@@ -60,6 +60,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     schedule_sampler: object
     grad_scaler: Optional[object] = None  # accelerate's GradScaler under fp16
+    guard: Optional[object] = None  # training.guard.BadStepGuard: bad-step counts, loss history
     description: dict = field(default_factory=dict)  # args, model_config, vae, image_size
     step: int = 0  # optimizer updates done
     epoch: int = 0
@@ -84,6 +85,7 @@ class TrainState:
                 "opt": self.optimizer.state_dict(),
                 "schedule_sampler": self.schedule_sampler.state_dict(),
                 "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
+                "guard": self.guard.state_dict() if self.guard else None,
                 "step": self.step,
                 "epoch": self.epoch,
                 "epoch_step": self.epoch_step,
@@ -105,6 +107,8 @@ class TrainState:
         self.schedule_sampler.load_state_dict(checkpoint["schedule_sampler"])
         if self.grad_scaler is not None and checkpoint["grad_scaler"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+        if self.guard is not None and checkpoint.get("guard") is not None:
+            self.guard.load_state_dict(checkpoint["guard"])
         self.step = checkpoint["step"]
         self.epoch = checkpoint["epoch"]
         self.epoch_step = checkpoint["epoch_step"]
