@@ -11,8 +11,6 @@ from scipy import linalg
 from scipy.special import logsumexp
 
 # ADM's constants.
-SINGULAR_PRODUCT_EPS = 1e-6      # added to both covariance diagonals when sqrtm(sigma1 sigma2) is not finite
-IMAGINARY_DIAGONAL_ATOL = 1e-3   # largest imaginary part on the diagonal of sqrtm accepted as round-off
 INCEPTION_SCORE_SPLIT = 5000     # the Inception Score is averaged over splits of this many samples
 NEIGHBOURHOOD_SIZE = 3           # k of the k-nearest-neighbour manifold estimate
 MIN_MANIFOLD_SIZE = NEIGHBOURHOOD_SIZE + 1  # each vector needs k neighbours besides itself
@@ -79,32 +77,59 @@ class RunningStatistics:
 
 
 def _matrix_sqrt(matrix):
-    # ADM asks sqrtm for disp=False, i.e. no message about singular input; scipy >= 1.16 warns
-    # instead (and deprecates disp), so the warning is silenced. The square root is the same.
+    """scipy's sqrtm, or None where it fails. ADM asks it for disp=False, i.e. no message about
+    singular input; scipy >= 1.16 warns instead (and deprecates disp), so the warning is
+    silenced. The square root is the same."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        return linalg.sqrtm(matrix)
+        try:
+            return linalg.sqrtm(matrix)
+        except linalg.LinAlgError:
+            return None
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=SINGULAR_PRODUCT_EPS):
-    """Frechet distance between two Gaussians, computed as ADM (and TTUR) do:
-    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2))."""
+def _psd_sqrt(sigma):
+    """The symmetric square root of a covariance, from its eigendecomposition; eigenvalues
+    that round-off made slightly negative count as 0."""
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+
+
+def trace_sqrt_product_eigh(sigma1, sigma2):
+    """tr sqrt(sigma1 sigma2) as the sum of the singular values of sqrt(sigma1) sqrt(sigma2),
+    i.e. of the square roots of the eigenvalues of the symmetric product
+    sqrt(sigma1) sigma2 sqrt(sigma1), which are real and non-negative. Taking singular values
+    instead of square roots of eigenvalues keeps the null space of a singular covariance at
+    round-off instead of its square root, so a batch against itself gives 0."""
+    return float(np.linalg.svd(_psd_sqrt(sigma1) @ _psd_sqrt(sigma2), compute_uv=False).sum())
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """tr sqrt(sigma1 sigma2): scipy's sqrtm as in ADM, unless it is unstable.
+
+    sigma1 sigma2 has real non-negative eigenvalues, so sqrtm returns a real matrix when it is
+    accurate. A complex (or non-finite, or no) result means eigenvalues at round-off level, as for a
+    singular covariance (fewer samples than features), where sqrtm's trace errs by about the
+    square root of round-off and can turn a batch against itself negative; then the trace comes
+    from the eigendecompositions of the two covariances instead."""
+    covmean = _matrix_sqrt(sigma1 @ sigma2)
+    if covmean is None or np.iscomplexobj(covmean) or not np.isfinite(covmean).all():
+        return trace_sqrt_product_eigh(sigma1, sigma2)
+    return float(np.trace(covmean))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between two Gaussians as ADM (and TTUR) define it:
+    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)), never NaN or complex."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(array).all() for array in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("the feature statistics are not finite (NaN or infinite features)")
     diff = mu1 - mu2
-    covmean = _matrix_sqrt(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"sqrtm(sigma1 sigma2) is not finite; adding {eps} to the covariance diagonals")
-        offset = np.eye(len(sigma1)) * eps
-        covmean = _matrix_sqrt((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAGINARY_DIAGONAL_ATOL):
-            raise ValueError(f"sqrtm(sigma1 sigma2) has an imaginary component of {np.abs(covmean.imag).max()}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
 
 def statistics_distance(stats1, stats2):

@@ -10,6 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import linalg
 from scipy.spatial.distance import cdist
 from scipy.special import softmax
 from threadpoolctl import threadpool_limits
@@ -122,6 +123,49 @@ def test_frechet_distance_is_zero_for_identical_and_grows_with_shift():
     assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-8 * np.trace(stats.sigma)
     distances = [metrics.frechet_distance(stats.mu + shift, stats.sigma, *stats) for shift in (0.1, 0.5, 1.0)]
     np.testing.assert_allclose(distances, [32 * 0.01, 32 * 0.25, 32 * 1.0], rtol=1e-6)
+
+
+def trace_sqrt_from_features(features1, features2):
+    """tr sqrt(S1 S2) of two sample covariances from the features themselves: the nuclear norm
+    of X1 X2^T / sqrt((n1 - 1)(n2 - 1)) for centred X1, X2 (the nonzero eigenvalues of S1 S2 are
+    the squared singular values of that small matrix), exact for singular covariances too."""
+    centred1 = features1 - features1.mean(axis=0)
+    centred2 = features2 - features2.mean(axis=0)
+    scale = np.sqrt((len(features1) - 1) * (len(features2) - 1))
+    return np.linalg.svd(centred1 @ centred2.T / scale, compute_uv=False).sum()
+
+
+def test_frechet_distance_of_a_batch_against_itself_is_zero():
+    rng = np.random.default_rng(15)
+    for count in (100, 400):  # fewer samples than the 256 features (a singular covariance), and more
+        stats = metrics.feature_statistics(correlated_features(rng, count, 256, shift=3.0))
+        assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-6
+        if count == 100:  # there, sqrtm alone (ADM) is complex and misses 0 by about 1e-5
+            plain = linalg.sqrtm(stats.sigma @ stats.sigma)
+            assert np.iscomplexobj(plain) and abs(np.trace(stats.sigma) - np.trace(plain).real) > 1e-6
+
+
+def test_frechet_distance_of_near_singular_covariances():
+    # Features in a 40-dimensional subspace of 256 plus noise at 1e-7: covariance eigenvalues
+    # fall from about 1 to 1e-14 and to round-off.
+    rng = np.random.default_rng(16)
+    basis = rng.normal(size=(40, 256))
+    batches = [rng.normal(size=(300, 40)) @ basis + 1e-7 * rng.normal(size=(300, 256)) + shift
+               for shift in (0.0, 0.2)]
+    stats = [metrics.feature_statistics(batch) for batch in batches]
+    eigenvalues = np.linalg.eigvalsh(stats[0].sigma)
+    assert eigenvalues.max() > 1e14 * abs(eigenvalues[eigenvalues.argsort()[len(eigenvalues) // 2]])
+    distance = metrics.statistics_distance(stats[0], stats[1])
+    expected = (np.sum((stats[0].mu - stats[1].mu) ** 2) + np.trace(stats[0].sigma) + np.trace(stats[1].sigma)
+                - 2 * trace_sqrt_from_features(*batches))
+    assert isinstance(distance, float) and np.isfinite(distance)
+    assert_relative(distance, expected, tolerance=1e-6)
+    assert abs(metrics.frechet_distance(*stats[1], *stats[1])) < 1e-6
+
+
+def test_frechet_distance_rejects_non_finite_statistics():
+    with pytest.raises(ValueError, match="not finite"):
+        metrics.frechet_distance(np.zeros(3), np.full((3, 3), np.nan), np.zeros(3), np.eye(3))
 
 
 def test_frechet_distance_rejects_mismatched_statistics():
