@@ -88,34 +88,33 @@ def _matrix_sqrt(matrix):
             return None
 
 
-def _psd_sqrt(sigma):
-    """The symmetric square root of a covariance, from its eigendecomposition; eigenvalues
-    that round-off made slightly negative count as 0."""
+def _significant_eigenpairs(sigma):
+    """Eigenvalues (k,) and eigenvectors (D, k) of a covariance above round-off (numpy's
+    matrix_rank tolerance, D * eps * the largest), and whether all D are."""
     eigenvalues, eigenvectors = np.linalg.eigh(sigma)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
-
-
-def trace_sqrt_product_eigh(sigma1, sigma2):
-    """tr sqrt(sigma1 sigma2) as the sum of the singular values of sqrt(sigma1) sqrt(sigma2),
-    i.e. of the square roots of the eigenvalues of the symmetric product
-    sqrt(sigma1) sigma2 sqrt(sigma1), which are real and non-negative. Taking singular values
-    instead of square roots of eigenvalues keeps the null space of a singular covariance at
-    round-off instead of its square root, so a batch against itself gives 0."""
-    return float(np.linalg.svd(_psd_sqrt(sigma1) @ _psd_sqrt(sigma2), compute_uv=False).sum())
+    significant = eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * max(eigenvalues.max(), 0)
+    return eigenvalues[significant], eigenvectors[:, significant], bool(significant.all())
 
 
 def trace_sqrt_product(sigma1, sigma2):
-    """tr sqrt(sigma1 sigma2): scipy's sqrtm as in ADM, unless it is unstable.
+    """tr sqrt(sigma1 sigma2), by scipy's sqrtm as in ADM where that is stable.
 
     sigma1 sigma2 has real non-negative eigenvalues, so sqrtm returns a real matrix when it is
-    accurate. A complex (or non-finite, or no) result means eigenvalues at round-off level, as for a
-    singular covariance (fewer samples than features), where sqrtm's trace errs by about the
-    square root of round-off and can turn a batch against itself negative; then the trace comes
-    from the eigendecompositions of the two covariances instead."""
-    covmean = _matrix_sqrt(sigma1 @ sigma2)
-    if covmean is None or np.iscomplexobj(covmean) or not np.isfinite(covmean).all():
-        return trace_sqrt_product_eigh(sigma1, sigma2)
-    return float(np.trace(covmean))
+    accurate. For a singular covariance (fewer samples than features) its eigenvalues are at
+    round-off, sqrtm turns complex and its trace errs by about the square root of round-off, which
+    can turn a batch against itself negative. There, and wherever sqrtm fails or turns complex
+    or non-finite, the trace comes from the eigendecompositions S = V diag(w) V^T of the two
+    covariances instead: it is the sum of the singular values (the nuclear norm) of
+    sqrt(S1) sqrt(S2), i.e. of diag(sqrt(w1)) V1^T V2 diag(sqrt(w2)) over the eigenvalues above
+    round-off, which needs no square root of a product and keeps a null space at 0."""
+    w1, v1, full_rank1 = _significant_eigenpairs(sigma1)
+    w2, v2, full_rank2 = _significant_eigenpairs(sigma2)
+    if full_rank1 and full_rank2:
+        covmean = _matrix_sqrt(sigma1 @ sigma2)
+        if covmean is not None and not np.iscomplexobj(covmean) and np.isfinite(covmean).all():
+            return float(np.trace(covmean))
+    product = np.sqrt(w1)[:, None] * (v1.T @ v2) * np.sqrt(w2)[None, :]  # (k1, k2)
+    return float(np.linalg.svd(product, compute_uv=False).sum())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -141,11 +140,21 @@ def statistics_distance(stats1, stats2):
 #                               Inception Score                                 #
 #################################################################################
 
-def inception_score_from_logits(logits):
-    """exp(E_x KL(p(y|x) || p(y))) of one split; logits (N, K). Log-probabilities come from a
-    log-softmax in float64, so a vanishing probability contributes 0 instead of nan."""
+def log_softmax(logits):
+    """Log-probabilities (N, K) of logits (N, K), in float64, so a vanishing probability
+    contributes 0 to the score instead of nan."""
     logits = np.asarray(logits, dtype=np.float64)
-    log_probs = logits - logsumexp(logits, axis=1, keepdims=True)  # (N, K)
+    return logits - logsumexp(logits, axis=1, keepdims=True)
+
+
+def class_log_probabilities(pool_features, logit_weights):
+    """log p(y|x) (N, K) as ADM's Inception Score takes it: the softmax of pool_3 features
+    (N, 2048) times the logits' weight matrix (2048, K), without the graph's biases."""
+    return log_softmax(np.asarray(pool_features, np.float64) @ np.asarray(logit_weights, np.float64))
+
+
+def inception_score_from_log_probabilities(log_probs):
+    """exp(E_x KL(p(y|x) || p(y))) of one split; log_probs (N, K)."""
     probs = np.exp(log_probs)
     log_marginal = np.log(probs.mean(axis=0, keepdims=True))       # (1, K)
     kl = np.sum(probs * (log_probs - log_marginal), axis=1)         # (N,)
@@ -153,11 +162,11 @@ def inception_score_from_logits(logits):
 
 
 def inception_score(pool_features, logit_weights, split_size=INCEPTION_SCORE_SPLIT):
-    """ADM's Inception Score: logits = pool_3 features (N, 2048) @ the logits' weight matrix
-    (2048, K) without bias, scored per split of `split_size` samples, averaged over splits."""
-    weights = np.asarray(logit_weights, dtype=np.float64)
+    """ADM's Inception Score of pool_3 features (N, 2048), per split of `split_size` samples,
+    averaged over splits."""
     scores = [
-        inception_score_from_logits(np.asarray(pool_features[start:start + split_size], np.float64) @ weights)
+        inception_score_from_log_probabilities(class_log_probabilities(pool_features[start:start + split_size],
+                                                                       logit_weights))
         for start in range(0, len(pool_features), split_size)
     ]
     return float(np.mean(scores))
