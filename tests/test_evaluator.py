@@ -241,6 +241,9 @@ def test_image_batches_stream_in_order(tmp_path, save):
     batches = list(batch_file.batches(10))
     assert batch_file.num_images == 23 and [len(batch) for batch in batches] == [10, 10, 3]
     np.testing.assert_array_equal(np.concatenate(batches), images)
+    part = list(batch_file.batches(4, start=7, stop=18))  # one process's share
+    assert [len(batch) for batch in part] == [4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(part), images[7:18])
 
 
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])

@@ -28,6 +28,10 @@ class LossMeter:
         self.sums = values if self.sums is None else self.sums + values
         self.steps += 1
 
+    def exclude(self, seconds):
+        """Leaves time spent on something else (an evaluation) out of the throughput."""
+        self.start += seconds
+
     def summary(self, accelerator, global_batch_size):
         """Losses averaged over steps and processes, and the throughput since the last reset."""
         means = accelerator.reduce(self.sums / self.steps, reduction="mean").tolist()
@@ -64,6 +68,12 @@ def save(run, state):
     run.logger.info(f"saved {path}")
 
 
+def evaluate(evaluator, state, meter):
+    start = time.perf_counter()
+    evaluator(state)
+    meter.exclude(time.perf_counter() - start)
+
+
 def train_step(args, run, state, model, optimizer, diffusion, micro_batches, mask_flag):
     """One optimizer update and its EMA update; returns (losses, learning rate)."""
     lr = learning_rate(state.step, args.init_lr, args.final_lr, args.lr_decay_steps)
@@ -76,8 +86,9 @@ def train_step(args, run, state, model, optimizer, diffusion, micro_batches, mas
     return losses, lr
 
 
-def train(args, run, state, diffusion, data):
-    """Trains until --epochs or --max-steps; saves every --ckpt-every steps and at the end.
+def train(args, run, state, diffusion, data, evaluator=None):
+    """Trains until --epochs or --max-steps; saves every --ckpt-every steps and at the end, and
+    evaluates every --eval-every steps with `evaluator` (training/evaluation.py), if given.
 
     On SIGTERM it saves at the next step boundary and returns early (--resume latest goes on
     bit-exactly). Returns True when training reached its last step."""
@@ -103,6 +114,8 @@ def train(args, run, state, diffusion, data):
                 if state.step % args.ckpt_every == 0:
                     save(run, state)
                     saved_step = state.step
+                if evaluator is not None and state.step % args.eval_every == 0:
+                    evaluate(evaluator, state, meter)
                 if state.step >= last_step:
                     break
                 if preemption.should_stop():
