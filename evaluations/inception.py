@@ -10,6 +10,7 @@ as ADM does; the "torch" backend (torch_inception.py) rebuilds it in PyTorch fro
 Neither is imported before it is asked for.
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -73,8 +74,11 @@ def load_inception(backend, graph_path, device=None):
     if backend == "tensorflow":
         if device is not None:
             raise ValueError("--device is for the torch backend; TensorFlow places the graph itself")
-        from evaluations.tf_inception import TensorFlowInception
-        return TensorFlowInception(graph_path)
+        try:
+            from evaluations.tf_inception import TensorFlowInception
+            return TensorFlowInception(graph_path)
+        except ImportError as error:
+            raise ValueError(f"--backend tensorflow needs TensorFlow ({error}); --backend torch does not") from None
     from evaluations.torch_inception import TorchInception
     return TorchInception(graph_path, device)
 
@@ -89,6 +93,17 @@ class Activations(NamedTuple):
     spatial_statistics: Optional[FeatureStatistics]
 
 
+def read_ahead(batches):
+    """Yields the items of `batches` while a thread reads the next one, so that reading and
+    inflating an npz overlaps the network (both release the GIL)."""
+    iterator = iter(batches)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(next, iterator, None)
+        while (batch := pending.result()) is not None:
+            pending = reader.submit(next, iterator, None)
+            yield batch
+
+
 def compute_activations(inception, image_batches, num_images, keep_pool_features=True,
                         accumulate_statistics=True, description="activations"):
     """Runs every batch through the graph. pool_3 features are kept whole (precision and recall
@@ -97,7 +112,7 @@ def compute_activations(inception, image_batches, num_images, keep_pool_features
     pool_running, spatial_running = RunningStatistics(POOL_DIM), RunningStatistics(SPATIAL_DIM)
     seen = 0
     with tqdm(total=num_images, desc=description, unit="img") as progress:
-        for images in image_batches:
+        for images in read_ahead(image_batches):
             pool, spatial = inception.features(images)
             if keep_pool_features:
                 pool_features[seen:seen + len(images)] = pool
