@@ -170,7 +170,7 @@ def translate_node(graph, name):
         return Concat(int(graph.constant(inputs[0]))), inputs[1:]
     if node.op == "ConcatV2":
         return Concat(int(graph.constant(inputs[-1]))), inputs[:-1]
-    raise GraphDefError(f"node {name!r}: op {node.op} is not one of the 2015 Inception graph's")
+    raise GraphDefError(f"node {name!r}: op {node.op} is not supported by the torch backend")
 
 
 def dependency_order(graph, input_node, output_nodes):

@@ -403,7 +403,7 @@ def test_evaluator_rejects_a_graph_that_is_not_inceptions(tmp_path, content, mes
 
 def test_torch_backend_names_an_op_it_does_not_know(tmp_path):
     write_graph_with_op_replaced(tmp_path / "graph.pb", "mixed_6/conv", "Relu6")
-    with pytest.raises(ValueError, match="node 'mixed_6/conv': op Relu6 is not one of"):
+    with pytest.raises(ValueError, match="node 'mixed_6/conv': op Relu6 is not supported"):
         TorchInception(str(tmp_path / "graph.pb"), "cpu")
 
 
