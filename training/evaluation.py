@@ -8,12 +8,14 @@ the training device; the main process gathers their pool_3 features, logs `fid` 
 `inception_score` to log.txt and TensorBoard, and appends them to checkpoints/fid_history.json,
 which a resumed run continues. A failed evaluation is logged and training goes on.
 """
+import math
 import os
 import time
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from evaluations import metrics
 from evaluations.inception import POOL_DIM, SPATIAL_DIM, InceptionGraphNotFound, find_inception_graph
@@ -168,8 +170,9 @@ class TrainingEvaluator:
         if isinstance(source, metrics.FeatureStatistics):
             return source
         mine = split_range(source.num_images, self.run.rank, self.run.world_size)
-        features = [full_batch_features(self.inception, images, self.batch_size)
-                    for images in source.batches(self.batch_size, mine.start, mine.stop)]
+        batches = tqdm(source.batches(self.batch_size, mine.start, mine.stop), desc="reference features",
+                       total=math.ceil(len(mine) / self.batch_size), disable=not self.run.is_main)
+        features = [full_batch_features(self.inception, images, self.batch_size) for images in batches]
         parts = gather_object([(list(mine), np.concatenate(features) if features else empty_features())])
         return metrics.feature_statistics(features_in_index_order(parts)) if self.run.is_main else None
 
