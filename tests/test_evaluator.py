@@ -475,7 +475,8 @@ TORCH_EVALUATOR_WITHOUT_TENSORFLOW = textwrap.dedent("""
     import runpy, sys
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
-    assert "tensorflow" not in sys.modules, "the torch backend imported TensorFlow"
+    import training.evaluation  # FID during training, with the sampling functions it uses
+    assert "tensorflow" not in sys.modules, "the torch backend or training's evaluation imported TensorFlow"
 """)
 
 
