@@ -6,8 +6,10 @@ DecodeJpeg, Cast, ExpandDims (the evaluators' input), ResizeBilinear to 299x299,
 Mul 1/128; convolutions as Conv2D, BatchNormWithGlobalNormalization, CheckNumerics, an Identity
 with a control input and Relu (`conv`, ..., `mixed_6/conv`, ...); max and average pools; the
 eleven mixed blocks joined by Concat; pool_3 (8x8 average); pool_3/_reshape and the softmax layer
-(`softmax/logits/MatMul` over 1008 classes). Its GraphDef declares no producer version, so
-TensorFlow still runs the deprecated batch norm op, as it runs the real graph.
+(`softmax/logits/MatMul` over 1008 classes). Names follow public listings of the real graph's
+nodes; the concatenations inside the towers of mixed_9 and mixed_10, which those listings do not
+show, are named by analogy (`mixed_9/tower/mixed/join`). Its GraphDef declares no producer
+version, so TensorFlow still runs the deprecated batch norm op, as it runs the real graph.
 
 Weights are seeded random, each node's from its own name. Convolution widths are divided by
 `width_divisor` (1 gives the real graph's shapes, for speed measurements), except the six
@@ -27,7 +29,6 @@ WIDTH_DIVISOR = 8
 IMAGE_SIZE = 299
 NUM_CLASSES = 1008
 POOL_DIM = 2048
-SPATIAL_SIZE = 17
 SEED = 1234
 VARIANCE_EPSILON = 0.001
 LOGIT_SPREAD = 2.0  # standard deviation of a logit between images
