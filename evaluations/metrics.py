@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg
+from scipy.linalg import lapack
 from scipy.special import logsumexp
 
 # ADM's constants.
@@ -88,12 +89,15 @@ def _matrix_sqrt(matrix):
             return None
 
 
-def _significant_eigenpairs(sigma):
-    """Eigenvalues (k,) and eigenvectors (D, k) of a covariance above round-off (numpy's
-    matrix_rank tolerance, D * eps * the largest), and whether all D are."""
-    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
-    significant = eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * max(eigenvalues.max(), 0)
-    return eigenvalues[significant], eigenvectors[:, significant], bool(significant.all())
+def _psd_root(sigma):
+    """(A (D, r), r): sigma = A A^T, r its numerical rank, from LAPACK's Cholesky factorisation
+    with complete pivoting (dpstrf; it stops where the rest of the diagonal is below
+    D * eps * the largest entry)."""
+    factor, pivots, rank, _ = lapack.dpstrf(sigma, lower=1)
+    lower = np.tril(factor)[:, :rank]  # P^T sigma P = L L^T
+    root = np.empty_like(lower)
+    root[pivots - 1] = lower           # sigma = (P L) (P L)^T
+    return root, rank
 
 
 def trace_sqrt_product(sigma1, sigma2):
@@ -103,18 +107,16 @@ def trace_sqrt_product(sigma1, sigma2):
     accurate. For a singular covariance (fewer samples than features) its eigenvalues are at
     round-off, sqrtm turns complex and its trace errs by about the square root of round-off, which
     can turn a batch against itself negative. There, and wherever sqrtm fails or turns complex
-    or non-finite, the trace comes from the eigendecompositions S = V diag(w) V^T of the two
-    covariances instead: it is the sum of the singular values (the nuclear norm) of
-    sqrt(S1) sqrt(S2), i.e. of diag(sqrt(w1)) V1^T V2 diag(sqrt(w2)) over the eigenvalues above
-    round-off, which needs no square root of a product and keeps a null space at 0."""
-    w1, v1, full_rank1 = _significant_eigenpairs(sigma1)
-    w2, v2, full_rank2 = _significant_eigenpairs(sigma2)
-    if full_rank1 and full_rank2:
+    or non-finite, the trace comes from the symmetric product instead: with sigma1 = A A^T and
+    sigma2 = B B^T, the eigenvalues of sigma1 sigma2 are those of B^T sigma1 B, the squared
+    singular values of A^T B (r1 x r2), whose sum is the trace, with no square root of round-off."""
+    root1, rank1 = _psd_root(sigma1)
+    root2, rank2 = _psd_root(sigma2)
+    if rank1 == rank2 == len(sigma1):
         covmean = _matrix_sqrt(sigma1 @ sigma2)
         if covmean is not None and not np.iscomplexobj(covmean) and np.isfinite(covmean).all():
             return float(np.trace(covmean))
-    product = np.sqrt(w1)[:, None] * (v1.T @ v2) * np.sqrt(w2)[None, :]  # (k1, k2)
-    return float(np.linalg.svd(product, compute_uv=False).sum())
+    return float(np.linalg.svd(root1.T @ root2, compute_uv=False).sum())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):

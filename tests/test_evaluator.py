@@ -152,16 +152,18 @@ def test_frechet_distance_of_a_batch_against_itself_is_zero():
             assert np.iscomplexobj(plain) and abs(np.trace(stats.sigma) - np.trace(plain).real) > 1e-6
 
 
-def test_frechet_distance_of_near_singular_covariances():
-    # Features in a 40-dimensional subspace of 256 plus noise at 1e-7: covariance eigenvalues
-    # fall from about 1 to 1e-14 and to round-off.
+@pytest.mark.parametrize("noise, full_rank", [(1e-7, False), (1e-4, True)])
+def test_frechet_distance_of_near_singular_covariances(noise, full_rank):
+    # Features in a 40-dimensional subspace of 256 plus a little noise: covariance eigenvalues fall
+    # from 600 to about noise^2, round-off at 1e-14 (singular) and 1e-10 at 1e-8 (full rank, where
+    # sqrtm, as in ADM, still turns complex).
     rng = np.random.default_rng(16)
     basis = rng.normal(size=(40, 256))
-    batches = [rng.normal(size=(300, 40)) @ basis + 1e-7 * rng.normal(size=(300, 256)) + shift
+    batches = [rng.normal(size=(300, 40)) @ basis + noise * rng.normal(size=(300, 256)) + shift
                for shift in (0.0, 0.2)]
     stats = [metrics.feature_statistics(batch) for batch in batches]
-    eigenvalues = np.linalg.eigvalsh(stats[0].sigma)
-    assert eigenvalues.max() > 1e14 * abs(eigenvalues[eigenvalues.argsort()[len(eigenvalues) // 2]])
+    assert np.linalg.matrix_rank(stats[0].sigma) == (256 if full_rank else 40)
+    assert np.iscomplexobj(linalg.sqrtm(stats[0].sigma @ stats[1].sigma))
     distance = metrics.statistics_distance(stats[0], stats[1])
     assert isinstance(distance, float) and np.isfinite(distance)
     assert_relative(distance, independent_fid(*batches), tolerance=1e-6)
