@@ -17,7 +17,10 @@ launch, torchrun's restarts (--max-restarts) and a requeue. SIGTERM (preemption)
 checkpoint at the next step boundary and exits 0. A step whose loss or gradient is not finite
 on any process is skipped by all of them; --max-bad-steps in a row stop the run (or, with
 --rollback, reload the last checkpoint and go on past them); --grad-clip clips the gradient
-norm; loss spikes are logged (training/guard.py).
+norm; loss spikes are logged (training/guard.py). --eval-every K --eval-images N
+--eval-reference REF.npz logs the EMA model's FID (and Inception Score) every K steps, from N
+images sampled with the sampling scripts' sampler (--eval-sampler, --eval-sampling-steps,
+--eval-cfg-scale) and scored by ADM's Inception graph in PyTorch (training/evaluation.py).
 """
 import argparse
 
@@ -26,6 +29,7 @@ from runtime.cli import require_at_least
 from training.build import build_training
 from training.config import ConfigError, resolve_run_config
 from training.data import build_data
+from training.evaluation import add_evaluation_arguments, build_evaluator, check_evaluation_flags, check_evaluation_inputs
 from training.loop import train
 from training.schedule import default_init_lr
 from training.setup import setup_run
@@ -102,6 +106,7 @@ def parse_args(argv=None):
     run.add_argument("--ckpt-every", type=int, default=50_000)
     run.add_argument("--resume", default=None,
                      help="a checkpoint file, or 'latest' (the newest of this model, if any)")
+    add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
 
     require_at_least(args, 1, "epochs", "global_batch_size", "log_every", "ckpt_every", "max_steps", "mini_batch_size",
@@ -110,6 +115,7 @@ def parse_args(argv=None):
         raise SystemExit("error: --grad-clip must be positive")
     if args.loss_spike_factor <= 1:
         raise SystemExit("error: --loss-spike-factor must be above 1")
+    check_evaluation_flags(parser, args)
     if args.fused_mask_batch and args.no_mask:
         raise SystemExit("error: --fused-mask-batch fuses the masked pass; it has no use with --no-mask")
     if args.init_lr is None:
@@ -122,12 +128,17 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         config = resolve_run_config(args)
+        check_evaluation_inputs(args)
         run = setup_run(args, config)
     except ConfigError as error:
         raise SystemExit(f"error: {error}")
     state, diffusion = build_training(args, config, run)
     data = build_data(args, run)
-    train(args, run, state, diffusion, data)
+    try:
+        evaluator = build_evaluator(args, run, config, resumed_step=state.step)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}")
+    train(args, run, state, diffusion, data, evaluator)
     run.close()
     return state
 

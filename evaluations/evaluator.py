@@ -1,23 +1,28 @@
 """Evaluates a sample batch against a reference batch with ADM's metrics and Inception graph.
 
-    python evaluations/evaluator.py REF.npz SAMPLE.npz [--inception-graph PATH] [--output-json PATH]
+    python evaluations/evaluator.py REF.npz SAMPLE.npz [--backend tensorflow|torch] [--device cuda]
+        [--batch-size 64] [--inception-graph PATH] [--output-json PATH]
 
 Prints Inception Score, FID, sFID, Precision and Recall as ADM's evaluator does, and writes them
-as JSON next to the sample batch (SAMPLE.metrics.json unless --output-json is given). A batch
-that carries precomputed mu, sigma, mu_s, sigma_s (e.g. VIRTUAL_imagenet256_labeled.npz) has
-its FID and sFID statistics taken from them; its images still give precision and recall.
+as JSON next to the sample batch (SAMPLE.metrics.json unless --output-json is given). The
+tensorflow backend (default) runs ADM's graph through TensorFlow as ADM does; the torch backend
+runs it rebuilt in PyTorch on CPU or GPU, without TensorFlow. A batch that carries precomputed mu,
+sigma, mu_s, sigma_s (e.g. VIRTUAL_imagenet256_labeled.npz) has its FID and sFID statistics
+taken from them; its images still give precision and recall.
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluations import metrics
-from evaluations.inception import (DEFAULT_BATCH_SIZE, POOL_DIM, SPATIAL_DIM, InceptionGraph,
-                                   InceptionGraphNotFound, compute_activations, find_inception_graph)
+from evaluations.inception import (DEFAULT_BATCH_SIZE, POOL_DIM, SPATIAL_DIM, InceptionGraphNotFound,
+                                   add_inception_arguments, compute_activations, find_inception_graph,
+                                   load_inception)
 from evaluations.npz_batches import ImageBatchFile, NpzFormatError, read_precomputed_statistics
 from runtime.io import atomic_path
 
@@ -31,7 +36,7 @@ def parse_args(argv=None):
                              "then the working directory)")
     parser.add_argument("--output-json", default=None,
                         help="where to write the metrics (default: SAMPLE.metrics.json next to the sample batch)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception run")
+    add_inception_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -49,10 +54,14 @@ class EvaluationBatch:
         self.precomputed = read_precomputed_statistics(path, POOL_DIM, SPATIAL_DIM)
 
     def activations(self, inception, batch_size, description):
+        start = time.perf_counter()
         activations = compute_activations(
             inception, self.images.batches(batch_size), self.images.num_images,
             accumulate_statistics=self.precomputed is None, description=description,
         )
+        seconds = time.perf_counter() - start
+        print(f"{description}: {self.images.num_images} images in {seconds:.1f} s "
+              f"({self.images.num_images / seconds:.1f} images/s)")
         if self.precomputed is not None:
             activations = activations._replace(pool_statistics=self.precomputed[0],
                                                spatial_statistics=self.precomputed[1])
@@ -99,7 +108,7 @@ def main(argv=None):
     json_path = args.output_json or default_json_path(args.sample_batch)
 
     try:
-        inception = InceptionGraph(graph_path)
+        inception = load_inception(args.backend, graph_path, args.device)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     with inception:
@@ -110,7 +119,7 @@ def main(argv=None):
               "sample_batch": os.path.abspath(args.sample_batch),
               "num_reference_images": reference.images.num_images,
               "num_sample_images": samples.images.num_images,
-              "inception_graph": os.path.abspath(graph_path)}
+              "inception_graph": os.path.abspath(graph_path), "backend": args.backend}
     with atomic_path(json_path) as tmp, open(tmp, "w") as file:
         json.dump(record, file, indent=2)
     print(f"wrote {json_path}")

@@ -1,12 +1,16 @@
-"""ADM's Inception-v3 graph (`classify_image_graph_def.pb`, TensorFlow, tf.compat.v1).
+"""ADM's Inception-v3 graph (`classify_image_graph_def.pb`): where to find it, its tensors, the
+two backends that run it, and the activations of a batch file.
 
-Images (uint8, any size) are fed as float32 in [0, 255] straight into the graph's `ExpandDims:0`,
-replaced by a batch placeholder; the graph itself resizes to 299x299 and normalises, exactly as
-in ADM. Outputs: pool_3 features (N, 2048) for FID, precision and recall; the first 7 channels
-of mixed_6/conv flattened (N, 17 * 17 * 7 = 2023) for sFID; and the logits' weight matrix
-(2048, K) for the Inception Score. TensorFlow is imported only when a graph is loaded.
+Images (uint8, any size) are fed as float32 in [0, 255] straight into the graph's `ExpandDims:0`;
+the graph itself resizes to 299x299 and normalises, exactly as in ADM. Outputs: pool_3 features
+(N, 2048) for FID, precision and recall; the first 7 channels of mixed_6/conv (the 1x1 branch of
+the seventh mixed block, 17x17) flattened (N, 17 * 17 * 7 = 2023) for sFID; and the logits' weight
+matrix (2048, K) for the Inception Score. The "tensorflow" backend (tf_inception.py) runs the graph
+as ADM does; the "torch" backend (torch_inception.py) rebuilds it in PyTorch from the same file.
+Neither is imported before it is asked for.
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -16,16 +20,17 @@ from evaluations.metrics import FeatureStatistics, RunningStatistics
 
 GRAPH_FILENAME = "classify_image_graph_def.pb"
 GRAPH_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
-INPUT_TENSOR = "ExpandDims:0"
-POOL_TENSOR = "pool_3:0"
-SPATIAL_TENSOR = "mixed_6/conv:0"
-LOGITS_MATMUL_OP = "softmax/logits/MatMul"
+INPUT_NODE = "ExpandDims"
+POOL_NODE = "pool_3"
+SPATIAL_NODE = "mixed_6/conv"
+LOGITS_MATMUL_NODE = "softmax/logits/MatMul"
+BACKENDS = ("torch", "tensorflow")
 
 POOL_DIM = 2048
-SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 768 channels for sFID
+SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels for sFID
 SPATIAL_SIZE = 17
 SPATIAL_DIM = SPATIAL_SIZE * SPATIAL_SIZE * SPATIAL_CHANNELS  # 2023
-DEFAULT_BATCH_SIZE = 64  # images per graph run, as in ADM
+DEFAULT_BATCH_SIZE = 64  # images per network run, as in ADM
 WARMUP_SHAPE = (1, 64, 64, 3)
 
 
@@ -52,66 +57,32 @@ def find_inception_graph(path=None):
     )
 
 
-def _import_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the report
-    import tensorflow as tf
-    return tf.compat.v1
+def add_inception_arguments(parser):
+    """--backend, --device and --batch-size of the evaluator and the reference-batch builder."""
+    # TensorFlow by default, as ADM's evaluator: the torch backend is checked against it on a
+    # stand-in graph only, not yet on the real classify_image_graph_def.pb.
+    parser.add_argument("--backend", choices=BACKENDS, default="tensorflow",
+                        help="tensorflow (default): the graph run by TensorFlow, as ADM's evaluator does; "
+                             "torch: ADM's graph rebuilt in PyTorch, on CPU or GPU, without TensorFlow")
+    parser.add_argument("--device", default=None,
+                        help="torch backend: cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception run")
 
 
-#################################################################################
-#                                Inception Graph                                #
-#################################################################################
-
-class InceptionGraph:
-    """A tf.compat.v1 session over ADM's Inception graph, fed with image batches."""
-
-    def __init__(self, graph_path):
-        tf = _import_tensorflow()
-        graph_def = tf.GraphDef()
-        with open(graph_path, "rb") as file:
-            try:
-                graph_def.ParseFromString(file.read())
-            except Exception as error:  # protobuf raises its own DecodeError
-                raise ValueError(f"{graph_path}: not a TensorFlow GraphDef ({error})") from None
-        self._graph = tf.Graph()
-        with self._graph.as_default():
-            self._images = tf.placeholder(tf.float32, shape=[None, None, None, 3])
-            try:
-                pool, spatial, logits_matmul = tf.import_graph_def(
-                    graph_def,
-                    input_map={INPUT_TENSOR: self._images},
-                    return_elements=[POOL_TENSOR, SPATIAL_TENSOR, LOGITS_MATMUL_OP],
-                    name="inception",
-                )
-            except (ValueError, KeyError) as error:
-                raise ValueError(f"{graph_path}: not ADM's Inception graph ({error})") from None
-            self._pool = pool                                   # (N, 1, 1, 2048)
-            self._spatial = spatial[..., :SPATIAL_CHANNELS]     # (N, 17, 17, 7)
-        self._session = tf.Session(graph=self._graph)
-        self.logit_weights = self._session.run(logits_matmul.inputs[1])  # (2048, K)
-        if self.logit_weights.shape[0] != POOL_DIM:
-            raise ValueError(f"{graph_path}: logits weight matrix has shape {self.logit_weights.shape}, "
-                             f"expected ({POOL_DIM}, K)")
-        self.features(np.zeros(WARMUP_SHAPE, dtype=np.uint8))  # checks the feature widths before any real work
-
-    def features(self, images):
-        """uint8 images (N, H, W, 3) -> pool_3 (N, 2048) and spatial (N, 2023) float32 features."""
-        pool, spatial = self._session.run([self._pool, self._spatial],
-                                          {self._images: images.astype(np.float32)})
-        pool, spatial = pool.reshape(len(images), -1), spatial.reshape(len(images), -1)
-        if pool.shape[1] != POOL_DIM or spatial.shape[1] != SPATIAL_DIM:
-            raise ValueError(f"Inception graph gave features of widths {pool.shape[1]} and {spatial.shape[1]}, "
-                             f"expected {POOL_DIM} and {SPATIAL_DIM}")
-        return pool, spatial
-
-    def close(self):
-        self._session.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+def load_inception(backend, graph_path, device=None):
+    """The Inception network of `backend` ("torch" or "tensorflow") over the graph file; the
+    torch backend runs on `device` (default: CUDA when available). TensorFlow is imported only
+    for its backend. ValueError for a file that is not ADM's graph."""
+    if backend == "tensorflow":
+        if device is not None:
+            raise ValueError("--device is for the torch backend; TensorFlow places the graph itself")
+        try:
+            from evaluations.tf_inception import TensorFlowInception
+            return TensorFlowInception(graph_path)
+        except ImportError as error:
+            raise ValueError(f"--backend tensorflow needs TensorFlow ({error}); --backend torch does not") from None
+    from evaluations.torch_inception import TorchInception
+    return TorchInception(graph_path, device)
 
 
 #################################################################################
@@ -124,6 +95,17 @@ class Activations(NamedTuple):
     spatial_statistics: Optional[FeatureStatistics]
 
 
+def read_ahead(batches):
+    """Yields the items of `batches` while a thread reads the next one, so that reading and
+    inflating an npz overlaps the network (both release the GIL)."""
+    iterator = iter(batches)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(next, iterator, None)
+        while (batch := pending.result()) is not None:
+            pending = reader.submit(next, iterator, None)
+            yield batch
+
+
 def compute_activations(inception, image_batches, num_images, keep_pool_features=True,
                         accumulate_statistics=True, description="activations"):
     """Runs every batch through the graph. pool_3 features are kept whole (precision and recall
@@ -132,7 +114,7 @@ def compute_activations(inception, image_batches, num_images, keep_pool_features
     pool_running, spatial_running = RunningStatistics(POOL_DIM), RunningStatistics(SPATIAL_DIM)
     seen = 0
     with tqdm(total=num_images, desc=description, unit="img") as progress:
-        for images in image_batches:
+        for images in read_ahead(image_batches):
             pool, spatial = inception.features(images)
             if keep_pool_features:
                 pool_features[seen:seen + len(images)] = pool

@@ -8,11 +8,10 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg
+from scipy.linalg import lapack
 from scipy.special import logsumexp
 
 # ADM's constants.
-SINGULAR_PRODUCT_EPS = 1e-6      # added to both covariance diagonals when sqrtm(sigma1 sigma2) is not finite
-IMAGINARY_DIAGONAL_ATOL = 1e-3   # largest imaginary part on the diagonal of sqrtm accepted as round-off
 INCEPTION_SCORE_SPLIT = 5000     # the Inception Score is averaged over splits of this many samples
 NEIGHBOURHOOD_SIZE = 3           # k of the k-nearest-neighbour manifold estimate
 MIN_MANIFOLD_SIZE = NEIGHBOURHOOD_SIZE + 1  # each vector needs k neighbours besides itself
@@ -79,32 +78,59 @@ class RunningStatistics:
 
 
 def _matrix_sqrt(matrix):
-    # ADM asks sqrtm for disp=False, i.e. no message about singular input; scipy >= 1.16 warns
-    # instead (and deprecates disp), so the warning is silenced. The square root is the same.
+    """scipy's sqrtm, or None where it fails. ADM asks it for disp=False, i.e. no message about
+    singular input; scipy >= 1.16 warns instead (and deprecates disp), so the warning is
+    silenced. The square root is the same."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        return linalg.sqrtm(matrix)
+        try:
+            return linalg.sqrtm(matrix)
+        except linalg.LinAlgError:
+            return None
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=SINGULAR_PRODUCT_EPS):
-    """Frechet distance between two Gaussians, computed as ADM (and TTUR) do:
-    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2))."""
+def _psd_root(sigma):
+    """(A (D, r), r): sigma = A A^T, r its numerical rank, from LAPACK's Cholesky factorisation
+    with complete pivoting (dpstrf; it stops where the rest of the diagonal is below
+    D * eps * the largest entry)."""
+    factor, pivots, rank, _ = lapack.dpstrf(sigma, lower=1)
+    lower = np.tril(factor)[:, :rank]  # P^T sigma P = L L^T
+    root = np.empty_like(lower)
+    root[pivots - 1] = lower           # sigma = (P L) (P L)^T
+    return root, rank
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """tr sqrt(sigma1 sigma2), by scipy's sqrtm as in ADM where that is stable.
+
+    sigma1 sigma2 has real non-negative eigenvalues, so sqrtm returns a real matrix when it is
+    accurate. For a singular covariance (fewer samples than features) its eigenvalues are at
+    round-off, sqrtm turns complex and its trace errs by about the square root of round-off, which
+    can turn a batch against itself negative. There, and wherever sqrtm fails or turns complex
+    or non-finite, the trace comes from the symmetric product instead: with sigma1 = A A^T and
+    sigma2 = B B^T, the eigenvalues of sigma1 sigma2 are those of B^T sigma1 B, the squared
+    singular values of A^T B (r1 x r2), whose sum is the trace, with no square root of round-off."""
+    root1, rank1 = _psd_root(sigma1)
+    root2, rank2 = _psd_root(sigma2)
+    if rank1 == rank2 == len(sigma1):
+        covmean = _matrix_sqrt(sigma1 @ sigma2)
+        if covmean is not None and not np.iscomplexobj(covmean) and np.isfinite(covmean).all():
+            return float(np.trace(covmean))
+    return float(np.linalg.svd(root1.T @ root2, compute_uv=False).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between two Gaussians as ADM (and TTUR) define it:
+    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)), never NaN or complex."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(array).all() for array in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("the feature statistics are not finite (NaN or infinite features)")
     diff = mu1 - mu2
-    covmean = _matrix_sqrt(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"sqrtm(sigma1 sigma2) is not finite; adding {eps} to the covariance diagonals")
-        offset = np.eye(len(sigma1)) * eps
-        covmean = _matrix_sqrt((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAGINARY_DIAGONAL_ATOL):
-            raise ValueError(f"sqrtm(sigma1 sigma2) has an imaginary component of {np.abs(covmean.imag).max()}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
 
 def statistics_distance(stats1, stats2):
@@ -116,11 +142,21 @@ def statistics_distance(stats1, stats2):
 #                               Inception Score                                 #
 #################################################################################
 
-def inception_score_from_logits(logits):
-    """exp(E_x KL(p(y|x) || p(y))) of one split; logits (N, K). Log-probabilities come from a
-    log-softmax in float64, so a vanishing probability contributes 0 instead of nan."""
+def log_softmax(logits):
+    """Log-probabilities (N, K) of logits (N, K), in float64, so a vanishing probability
+    contributes 0 to the score instead of nan."""
     logits = np.asarray(logits, dtype=np.float64)
-    log_probs = logits - logsumexp(logits, axis=1, keepdims=True)  # (N, K)
+    return logits - logsumexp(logits, axis=1, keepdims=True)
+
+
+def class_log_probabilities(pool_features, logit_weights):
+    """log p(y|x) (N, K) as ADM's Inception Score takes it: the softmax of pool_3 features
+    (N, 2048) times the logits' weight matrix (2048, K), without the graph's biases."""
+    return log_softmax(np.asarray(pool_features, np.float64) @ np.asarray(logit_weights, np.float64))
+
+
+def inception_score_from_log_probabilities(log_probs):
+    """exp(E_x KL(p(y|x) || p(y))) of one split; log_probs (N, K)."""
     probs = np.exp(log_probs)
     log_marginal = np.log(probs.mean(axis=0, keepdims=True))       # (1, K)
     kl = np.sum(probs * (log_probs - log_marginal), axis=1)         # (N,)
@@ -128,11 +164,11 @@ def inception_score_from_logits(logits):
 
 
 def inception_score(pool_features, logit_weights, split_size=INCEPTION_SCORE_SPLIT):
-    """ADM's Inception Score: logits = pool_3 features (N, 2048) @ the logits' weight matrix
-    (2048, K) without bias, scored per split of `split_size` samples, averaged over splits."""
-    weights = np.asarray(logit_weights, dtype=np.float64)
+    """ADM's Inception Score of pool_3 features (N, 2048), per split of `split_size` samples,
+    averaged over splits."""
     scores = [
-        inception_score_from_logits(np.asarray(pool_features[start:start + split_size], np.float64) @ weights)
+        inception_score_from_log_probabilities(class_log_probabilities(pool_features[start:start + split_size],
+                                                                       logit_weights))
         for start in range(0, len(pool_features), split_size)
     ]
     return float(np.mean(scores))

@@ -72,13 +72,15 @@ class ImageBatchFile:
     def num_images(self):
         return self.shape[0]
 
-    def batches(self, batch_size):
-        """Yields uint8 arrays (B, H, W, 3) in file order."""
+    def batches(self, batch_size, start=0, stop=None):
+        """Yields uint8 arrays (B, H, W, 3) of images start .. stop - 1 (default: all) in file order."""
+        stop = self.num_images if stop is None else stop
         image_bytes = int(np.prod(self.shape[1:]))
         with _open_member(self.path, IMAGES_KEY) as member:
             _read_image_header(member, self.path)
-            for start in range(0, self.num_images, batch_size):
-                count = min(batch_size, self.num_images - start)
+            member.seek(start * image_bytes, 1)  # a compressed member is inflated up to there
+            for start in range(start, stop, batch_size):
+                count = min(batch_size, stop - start)
                 data = member.read(count * image_bytes)
                 if len(data) != count * image_bytes:
                     raise NpzFormatError(f"{self.path}: '{IMAGES_KEY}' is truncated after {start} images")

@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 from PIL import Image
 
-from evaluations.inception import (DEFAULT_BATCH_SIZE, InceptionGraph, InceptionGraphNotFound,
-                                   compute_activations, find_inception_graph)
+from evaluations.inception import (DEFAULT_BATCH_SIZE, InceptionGraphNotFound, add_inception_arguments,
+                                   compute_activations, find_inception_graph, load_inception)
 from evaluations.metrics import MIN_MANIFOLD_SIZE
 from evaluations.npz_batches import ImageBatchFile, image_member_writer, write_statistics_members
 from runtime.io import atomic_path
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--inception-graph", default=None,
                         help="path of classify_image_graph_def.pb (default: next to this script, "
                              "then the working directory)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception run")
+    add_inception_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -151,7 +151,7 @@ def main(argv=None):
         raise SystemExit(f"error: needs at least {MIN_MANIFOLD_SIZE} images, found {source.num_images}")
 
     try:
-        with InceptionGraph(graph_path) as inception:
+        with load_inception(args.backend, graph_path, args.device) as inception:
             kept = build_reference_batch(source, inception, args.out, args.num_images, args.seed, args.batch_size)
     except ValueError as error:  # a bad graph or an unreadable image; nothing is left half-written
         raise SystemExit(f"error: {error}") from None

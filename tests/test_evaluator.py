@@ -1,22 +1,29 @@
 """ADM-equivalent evaluation: metrics against independent numpy/scipy computations, npz
-streaming and validation, and the evaluator and reference-batch builder end to end on a
-stand-in Inception graph with the real graph's tensor names."""
+streaming and validation, the torch backend against TensorFlow, and the evaluator and
+reference-batch builder end to end on a stand-in Inception graph with the real graph's
+topology, node names and ops."""
 import json
 import os
 import subprocess
 import sys
+import textwrap
 import tracemalloc
 
 import numpy as np
 import pytest
+import tensorflow as tf
+import torch
 from PIL import Image
+from scipy import linalg
 from scipy.spatial.distance import cdist
 from scipy.special import softmax
 from threadpoolctl import threadpool_limits
 
 import evaluation_standin_graph as standin
 from evaluations import evaluator, metrics, reference_batch
-from evaluations.inception import GRAPH_FILENAME, GRAPH_URL, InceptionGraph
+from evaluations.inception import GRAPH_FILENAME, GRAPH_URL
+from evaluations.tf_inception import TensorFlowInception
+from evaluations.torch_inception import ResizeBilinear, TorchInception
 from evaluations.npz_batches import ImageBatchFile, NpzFormatError, read_precomputed_statistics
 from runtime.transforms import center_crop_arr
 
@@ -37,13 +44,23 @@ def independent_statistics(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def independent_fid(stats1, stats2):
-    """tr sqrt(S1 S2) as the sum of square roots of the eigenvalues of L^T S2 L, where S1 = L L^T
-    (similar to S1 S2); needs a full-rank S1."""
-    (mu1, sigma1), (mu2, sigma2) = stats1, stats2
-    lower = np.linalg.cholesky(sigma1)
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(lower.T @ sigma2 @ lower), 0, None)).sum()
-    return np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+def trace_sqrt_from_features(features1, features2):
+    """tr sqrt(S1 S2) of two sample covariances from the features themselves: the nuclear norm
+    of X1 X2^T / sqrt((n1 - 1)(n2 - 1)) for centred X1, X2 (the nonzero eigenvalues of S1 S2 are
+    the squared singular values of that small matrix), exact for singular covariances too."""
+    centred1 = features1 - features1.mean(axis=0)
+    centred2 = features2 - features2.mean(axis=0)
+    scale = np.sqrt((len(features1) - 1) * (len(features2) - 1))
+    return np.linalg.svd(centred1 @ centred2.T / scale, compute_uv=False).sum()
+
+
+def independent_fid(features1, features2):
+    """The Frechet distance of two feature sets (N, D), from the features, without a D x D
+    matrix function."""
+    features1, features2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    (mu1, sigma1), (mu2, sigma2) = independent_statistics(features1), independent_statistics(features2)
+    return (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+            - 2 * trace_sqrt_from_features(features1, features2))
 
 
 def independent_inception_score(logits, split_size):
@@ -112,9 +129,10 @@ def test_running_statistics_match_numpy():
 
 def test_frechet_distance_matches_independent_computation():
     rng = np.random.default_rng(1)
-    reference = metrics.feature_statistics(correlated_features(rng, 600, 48))
-    samples = metrics.feature_statistics(correlated_features(rng, 600, 48, shift=0.3) * 1.2)
-    assert_relative(metrics.statistics_distance(samples, reference), independent_fid(samples, reference))
+    reference = correlated_features(rng, 600, 48)
+    samples = correlated_features(rng, 600, 48, shift=0.3) * 1.2
+    assert_relative(metrics.statistics_distance(metrics.feature_statistics(samples), metrics.feature_statistics(reference)),
+                    independent_fid(samples, reference))
 
 
 def test_frechet_distance_is_zero_for_identical_and_grows_with_shift():
@@ -122,6 +140,39 @@ def test_frechet_distance_is_zero_for_identical_and_grows_with_shift():
     assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-8 * np.trace(stats.sigma)
     distances = [metrics.frechet_distance(stats.mu + shift, stats.sigma, *stats) for shift in (0.1, 0.5, 1.0)]
     np.testing.assert_allclose(distances, [32 * 0.01, 32 * 0.25, 32 * 1.0], rtol=1e-6)
+
+
+def test_frechet_distance_of_a_batch_against_itself_is_zero():
+    rng = np.random.default_rng(15)
+    for count in (100, 400):  # fewer samples than the 256 features (a singular covariance), and more
+        stats = metrics.feature_statistics(correlated_features(rng, count, 256, shift=3.0))
+        assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-6
+        if count == 100:  # there, sqrtm alone (ADM) is complex and misses 0 by about 1e-5
+            plain = linalg.sqrtm(stats.sigma @ stats.sigma)
+            assert np.iscomplexobj(plain) and abs(np.trace(stats.sigma) - np.trace(plain).real) > 1e-6
+
+
+@pytest.mark.parametrize("noise, full_rank", [(1e-7, False), (1e-4, True)])
+def test_frechet_distance_of_near_singular_covariances(noise, full_rank):
+    # Features in a 40-dimensional subspace of 256 plus a little noise: covariance eigenvalues fall
+    # from 600 to about noise^2, round-off at 1e-14 (singular) and 1e-10 at 1e-8 (full rank, where
+    # sqrtm, as in ADM, still turns complex).
+    rng = np.random.default_rng(16)
+    basis = rng.normal(size=(40, 256))
+    batches = [rng.normal(size=(300, 40)) @ basis + noise * rng.normal(size=(300, 256)) + shift
+               for shift in (0.0, 0.2)]
+    stats = [metrics.feature_statistics(batch) for batch in batches]
+    assert np.linalg.matrix_rank(stats[0].sigma) == (256 if full_rank else 40)
+    assert np.iscomplexobj(linalg.sqrtm(stats[0].sigma @ stats[1].sigma))
+    distance = metrics.statistics_distance(stats[0], stats[1])
+    assert isinstance(distance, float) and np.isfinite(distance)
+    assert_relative(distance, independent_fid(*batches), tolerance=1e-6)
+    assert abs(metrics.frechet_distance(*stats[1], *stats[1])) < 1e-6
+
+
+def test_frechet_distance_rejects_non_finite_statistics():
+    with pytest.raises(ValueError, match="not finite"):
+        metrics.frechet_distance(np.zeros(3), np.full((3, 3), np.nan), np.zeros(3), np.eye(3))
 
 
 def test_frechet_distance_rejects_mismatched_statistics():
@@ -138,9 +189,12 @@ def test_inception_score_matches_independent_computation():
 
 def test_inception_score_bounds():
     # Identical predictions score 1; confident predictions spread over K classes score ~K.
-    assert_relative(metrics.inception_score_from_logits(np.tile([1.0, 2.0, 3.0], (20, 1))), 1.0)
+    def score(logits):
+        return metrics.inception_score_from_log_probabilities(metrics.log_softmax(logits))
+
+    assert_relative(score(np.tile([1.0, 2.0, 3.0], (20, 1))), 1.0)
     confident = np.eye(4).repeat(5, axis=0) * 50.0
-    assert_relative(metrics.inception_score_from_logits(confident), 4.0, tolerance=1e-9)
+    assert_relative(score(confident), 4.0, tolerance=1e-9)
 
 
 def test_precision_recall_exact_when_float16_is_exact():
@@ -189,6 +243,9 @@ def test_image_batches_stream_in_order(tmp_path, save):
     batches = list(batch_file.batches(10))
     assert batch_file.num_images == 23 and [len(batch) for batch in batches] == [10, 10, 3]
     np.testing.assert_array_equal(np.concatenate(batches), images)
+    part = list(batch_file.batches(4, start=7, stop=18))  # one process's share
+    assert [len(batch) for batch in part] == [4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(part), images[7:18])
 
 
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
@@ -249,7 +306,7 @@ def test_missing_graph_is_one_clear_error_from_the_script(tmp_path):
 
 
 #################################################################################
-#                         Inception graph (stand-in)                            #
+#                     Inception backends on the stand-in graph                  #
 #################################################################################
 
 @pytest.fixture(scope="module")
@@ -264,52 +321,126 @@ def direct_features():
     return standin.DirectFeatures()
 
 
+@pytest.fixture(scope="module")
+def tensorflow_inception(standin_graph):
+    with TensorFlowInception(standin_graph) as inception:
+        yield inception
+
+
+@pytest.fixture(scope="module")
+def torch_inception(standin_graph):
+    with TorchInception(standin_graph, "cpu") as inception:
+        yield inception
+
+
 def random_images(seed, count, size=32, brightness_shift=0):
-    images = np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3))
+    height, width = (size, size) if isinstance(size, int) else size
+    images = np.random.default_rng(seed).integers(0, 256, size=(count, height, width, 3))
     return np.clip(images + brightness_shift, 0, 255).astype(np.uint8)
 
 
-def test_inception_graph_features_match_the_graph_run_directly(standin_graph, direct_features):
-    with InceptionGraph(standin_graph) as inception:
-        np.testing.assert_array_equal(inception.logit_weights, standin.logit_weights())
-        for images in (random_images(8, 40), random_images(9, 6, size=45)):  # the graph resizes any size
-            pool, spatial = inception.features(images)
-            expected_pool, expected_spatial = direct_features(images)
-            assert pool.shape == (len(images), 2048) and spatial.shape == (len(images), 17 * 17 * 7)
-            np.testing.assert_allclose(pool, expected_pool, rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(spatial, expected_spatial, rtol=1e-6, atol=1e-6)
+def assert_close_to_scale(actual, expected, tolerance):
+    """Equal to `tolerance` relative to the largest magnitude of `expected` (ReLU features are
+    often 0, so an elementwise relative error says little)."""
+    assert actual.shape == expected.shape
+    error = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert error <= tolerance, error
 
 
+def test_tensorflow_backend_matches_the_graph_run_directly(tensorflow_inception, direct_features):
+    np.testing.assert_array_equal(tensorflow_inception.logit_weights, standin.logit_weights())
+    for images in (random_images(8, 20), random_images(9, 4, size=45)):  # the graph resizes any size
+        pool, spatial = tensorflow_inception.features(images)
+        expected_pool, expected_spatial = direct_features(images)
+        assert pool.shape == (len(images), 2048) and spatial.shape == (len(images), 17 * 17 * 7)
+        np.testing.assert_allclose(pool, expected_pool, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(spatial, expected_spatial, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("count, size", [(24, 32), (3, 299), (6, (37, 45))])  # resized up, as is, non-square
+def test_torch_backend_equals_tensorflow(count, size, tensorflow_inception, torch_inception, direct_features):
+    images = random_images(17, count, size)
+    expected_pool, expected_spatial = tensorflow_inception.features(images)
+    pool, spatial = torch_inception.features(images)
+    assert pool.dtype == spatial.dtype == np.float32
+    assert_close_to_scale(pool, expected_pool, 1e-4)
+    assert_close_to_scale(spatial, expected_spatial, 1e-4)
+    np.testing.assert_array_equal(torch_inception.logit_weights, tensorflow_inception.logit_weights)
+    # The class probabilities of the Inception Score against ADM's own softmax in TensorFlow.
+    probabilities = np.exp(metrics.class_log_probabilities(pool, torch_inception.logit_weights))
+    assert_close_to_scale(probabilities, direct_features.class_probabilities(expected_pool), 1e-4)
+
+
+@pytest.mark.parametrize("in_size, out_size", [((256, 256), (299, 299)), ((37, 45), (299, 299)),
+                                               ((299, 299), (17, 30))])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_resize_is_tensorflow_1s_bilinear_to_the_bit(in_size, out_size, align_corners):
+    images = np.random.default_rng(18).uniform(0, 255, size=(2, *in_size, 3)).astype(np.float32)
+    expected = tf.compat.v1.image.resize_bilinear(images, out_size, align_corners=align_corners).numpy()
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    resized = ResizeBilinear(out_size, align_corners)(nchw).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(resized, expected)
+    if not align_corners:  # PyTorch's own bilinear resize samples other positions (half-pixel centres)
+        plain = torch.nn.functional.interpolate(nchw, size=out_size, mode="bilinear").permute(0, 2, 3, 1).numpy()
+        assert np.abs(plain - expected).max() > 10
+
+
+def write_graph_with_op_replaced(path, node_name, op):
+    graph_def = standin.build_graph_def()
+    next(node for node in graph_def.node if node.name == node_name).op = op
+    path.write_bytes(graph_def.SerializeToString())
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
 @pytest.mark.parametrize("content, message", [(b"\xff" * 64, "not a TensorFlow GraphDef"),
                                               (b"", "not ADM's Inception graph")])
-def test_evaluator_rejects_a_graph_that_is_not_inceptions(tmp_path, content, message):
+def test_evaluator_rejects_a_graph_that_is_not_inceptions(tmp_path, content, message, backend):
     (tmp_path / "graph.pb").write_bytes(content)
     np.savez(tmp_path / "batch.npz", np.zeros((4, 8, 8, 3), np.uint8))
     batch = str(tmp_path / "batch.npz")
     with pytest.raises(SystemExit, match=message):
-        evaluator.main([batch, batch, "--inception-graph", str(tmp_path / "graph.pb")])
+        evaluator.main([batch, batch, "--inception-graph", str(tmp_path / "graph.pb"), "--backend", backend])
     assert not (tmp_path / "batch.metrics.json").exists()
+
+
+def test_torch_backend_names_an_op_it_does_not_know(tmp_path):
+    write_graph_with_op_replaced(tmp_path / "graph.pb", "mixed_6/conv", "Relu6")
+    with pytest.raises(ValueError, match="node 'mixed_6/conv': op Relu6 is not supported"):
+        TorchInception(str(tmp_path / "graph.pb"), "cpu")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--backend", "torch", "--device", "gpu"], "--device gpu"),
+    (["--backend", "tensorflow", "--device", "cpu"], "--device is for the torch backend"),
+])
+def test_evaluator_rejects_a_device_it_cannot_use(tmp_path, standin_graph, arguments, message):
+    np.savez(tmp_path / "batch.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    batch = str(tmp_path / "batch.npz")
+    with pytest.raises(SystemExit) as raised:
+        evaluator.main([batch, batch, "--inception-graph", standin_graph, *arguments])
+    text = str(raised.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
 
 
 #################################################################################
 #                                  End to end                                   #
 #################################################################################
 
-NUM_REFERENCE = 2100  # more than the 2048 feature dimensions, so covariances are full rank
-NUM_REFERENCE_KEPT = 1000
-NUM_SAMPLES = 2080
+NUM_REFERENCE = 200
+NUM_REFERENCE_KEPT = 120
+NUM_SAMPLES = 150
 
 
-@threadpool_limits.wrap(limits=1, user_api="blas")  # on shared cores, threaded LAPACK (sqrtm) slows down severalfold
+@threadpool_limits.wrap(limits=1, user_api="blas")  # on shared cores, threaded LAPACK slows down severalfold
 def test_evaluator_end_to_end_matches_independent_metrics(tmp_path, standin_graph, direct_features, capsys):
     all_reference = random_images(10, NUM_REFERENCE)
     samples = random_images(11, NUM_SAMPLES, brightness_shift=40)
     np.savez(tmp_path / "all_reference.npz", all_reference)
     np.savez_compressed(tmp_path / "samples.npz", samples)
+    tensorflow = ["--inception-graph", standin_graph, "--backend", "tensorflow"]
     reference_batch.main(["--npz", str(tmp_path / "all_reference.npz"), "--out", str(tmp_path / "ref.npz"),
-                          "--num-images", str(NUM_REFERENCE_KEPT), "--inception-graph", standin_graph])
-    printed = evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"),
-                              "--inception-graph", standin_graph])
+                          "--num-images", str(NUM_REFERENCE_KEPT), *tensorflow])
+    printed = evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *tensorflow])
 
     # Printed as ADM prints, and recorded next to the samples.
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
@@ -327,19 +458,48 @@ def test_evaluator_end_to_end_matches_independent_metrics(tmp_path, standin_grap
     reference_pool, reference_spatial = direct_features(all_reference)
     sample_pool, sample_spatial = direct_features(samples)
 
-    fid = independent_fid(independent_statistics(sample_pool), independent_statistics(reference_pool))
-    sfid = independent_fid(independent_statistics(sample_spatial), independent_statistics(reference_spatial))
+    fid = independent_fid(sample_pool, reference_pool)
+    sfid = independent_fid(sample_spatial, reference_spatial)
     inception_score = independent_inception_score(sample_pool @ standin.logit_weights().astype(np.float64),
                                                   metrics.INCEPTION_SCORE_SPLIT)
     assert_relative(recorded["fid"], fid)
     assert_relative(recorded["sfid"], sfid)
     assert_relative(recorded["inception_score"], inception_score)
-    assert fid > 1.0 and inception_score > 1.0
+    assert fid > 0 and sfid > 0 and inception_score > 1.5
 
     precision_bounds, recall_bounds = independent_precision_recall_bounds(reference_pool[kept], sample_pool)
     assert_within(recorded["precision"], precision_bounds)
     assert_within(recorded["recall"], recall_bounds)
     assert (recorded["precision"], recorded["recall"]) == metrics.precision_recall(reference_pool[kept], sample_pool)
+
+
+TORCH_EVALUATOR_WITHOUT_TENSORFLOW = textwrap.dedent("""
+    import runpy, sys
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    import training.evaluation  # FID during training, with the sampling functions it uses
+    assert "tensorflow" not in sys.modules, "the torch backend or training's evaluation imported TensorFlow"
+""")
+
+
+def test_backends_give_the_same_metrics(tmp_path, standin_graph):
+    np.savez(tmp_path / "reference.npz", random_images(19, 160))
+    np.savez(tmp_path / "samples.npz", random_images(20, 150, size=(28, 36), brightness_shift=90))
+    arguments = [str(tmp_path / "reference.npz"), str(tmp_path / "samples.npz"), "--inception-graph", standin_graph,
+                 "--batch-size", "50"]
+    with threadpool_limits(limits=1, user_api="blas"):
+        expected = evaluator.main([*arguments, "--backend", "tensorflow"])
+    # The torch backend as users run it: the script, in a process that must not load TensorFlow.
+    script = os.path.join(REPO_ROOT, "evaluations", "evaluator.py")
+    result = subprocess.run([sys.executable, "-c", TORCH_EVALUATOR_WITHOUT_TENSORFLOW, script, *arguments,
+                             "--backend", "torch", "--device", "cpu", "--output-json", str(tmp_path / "torch.json")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((tmp_path / "torch.json").read_text())
+    assert recorded["backend"] == "torch"
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        assert_relative(recorded[key], expected[key], tolerance=1e-3)
+    assert expected["fid"] > 0 and expected["inception_score"] > 1.5 and 0 < expected["precision"] < 1
 
 
 def write_image_folder(root):

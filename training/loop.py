@@ -41,6 +41,10 @@ class LossMeter:
         self.grad_norm_sum += check.grad_norm
         self.steps += 1
 
+    def exclude(self, seconds):
+        """Leaves time spent on something else (an evaluation) out of the throughput."""
+        self.start += seconds
+
     def summary(self, accelerator, global_batch_size):
         """Losses and gradient norm averaged over the steps taken and the processes, the skipped
         steps, and the throughput since the last reset."""
@@ -81,6 +85,12 @@ def save(run, state):
     path = run.checkpoint_path(state.step)
     state.save(path, run.accelerator)
     run.logger.info(f"saved {path}")
+
+
+def evaluate(evaluator, state, meter):
+    start = time.perf_counter()
+    evaluator(state)
+    meter.exclude(time.perf_counter() - start)
 
 
 def train_step(args, run, state, model, optimizer, diffusion, micro_batches, mask_flag):
@@ -146,8 +156,9 @@ def roll_back(run, state, error):
                        f"{state.step}, past them")
 
 
-def train(args, run, state, diffusion, data):
-    """Trains until --epochs or --max-steps; saves every --ckpt-every steps and at the end.
+def train(args, run, state, diffusion, data, evaluator=None):
+    """Trains until --epochs or --max-steps; saves every --ckpt-every steps and at the end, and
+    evaluates every --eval-every steps with `evaluator` (training/evaluation.py), if given.
 
     On SIGTERM it saves at the next step boundary and returns early (--resume latest goes on
     bit-exactly). Returns True when training reached its last step."""
@@ -177,6 +188,8 @@ def train(args, run, state, diffusion, data):
                     save(run, state)
                     saved_step = state.step
                     state.guard.rollbacks = 0
+                if evaluator is not None and state.step % args.eval_every == 0:
+                    evaluate(evaluator, state, meter)
                 if state.step >= last_step:
                     break
                 if preemption.should_stop():
