@@ -337,12 +337,16 @@ def test_cpu_inference_takes_the_fused_kernels_and_training_the_explicit_bias_pa
 
 
 def test_compiled_inference_equals_eager():
-    # torch.compile must see neither the kept bias nor the oneDNN MLP (Inductor cannot lower it on parameters).
+    # torch.compile must see neither the kept bias nor the oneDNN MLP (Inductor cannot lower it on
+    # parameters). One block, an AMM one: whole models are compiled by the sampling and training tests.
     model = randomize(tiny_edt(amm_blocks=[1])).eval()
-    x, t, y = model_inputs()
+    block = model.blocks[1]
+    x, c = torch.randn(4, 16, 48), torch.randn(4, 32)  # stage 1: a 4x4 grid of 48 channels
     with torch.no_grad():
-        eager = model(x, t, y)
-        compiled = model.compile_blocks()(x, t, y)
+        eager = block(x, c)
+        block.compile()
+        compiled = block(x, c)
+    assert block._compiled_call_impl is not None
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
