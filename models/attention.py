@@ -218,4 +218,7 @@ class Attention(nn.Module, FastPathSwitch):
             return pad_heads(parameter, axis, self.head_dim, width)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return derive()
-        return self.padded_weights.setdefault((name, width), KeptTensor()).get(parameter, derive)
+        key = (name, width)
+        if key not in self.padded_weights:
+            self.padded_weights[key] = KeptTensor()
+        return self.padded_weights[key].get(parameter, derive)

@@ -8,6 +8,7 @@ timestep sampler sees it. Under fp16 a non-finite gradient is the GradScaler's o
 skips the update and lowers the loss scale by itself: it is logged, not counted as bad.
 """
 import collections
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -32,7 +33,7 @@ class StepCheck:
 
     @property
     def skipped(self):
-        return bool(self.bad_ranks) or not torch.isfinite(torch.tensor(self.grad_norm)).item()
+        return bool(self.bad_ranks) or not math.isfinite(self.grad_norm)
 
     @property
     def bad(self):
@@ -65,7 +66,7 @@ def agree_on_step(accelerator, loss, grad_norm, fp16):
     bad_ranks = [index for index in range(world) if values[index] > 0]
     mean_loss = float("nan") if bad_ranks else values[world]
     grad_norm_value = values[world + 1]
-    overflow = fp16 and not torch.isfinite(torch.tensor(grad_norm_value)).item()
+    overflow = fp16 and not math.isfinite(grad_norm_value)
     return StepCheck(mean_loss, grad_norm_value, bad_ranks, overflow)
 
 
