@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--vae-path", default=None, help="local VAE folder (default ./sd-vae-ft-{vae})")
     parser.add_argument("--class-names", default=None,
                         help="a text file naming class k on line k (e.g. ImageNet's 1000) or an id2label "
-                             "JSON; default: indices")
+                             "JSON; default: the names the checkpoint records, else indices")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-images", type=int, default=16, help="the most images one request may ask for")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -3,6 +3,11 @@
     torchrun --nnodes=1 --nproc_per_node=N extract_features.py --data-path IMAGENET/train \
         --features-path FEATURES --image-size 256 --vae ema
     python extract_features.py ...   (one process)
+    python extract_features.py ... --vae-path MY_VAE [--latent-norm channel]   (any AutoencoderKL)
+
+The latents are normalised with the VAE config's scaling_factor and shift_factor (0.18215 for
+sd-vae-ft-*), or with --latent-norm channel by the per-channel mean and standard deviation
+measured over all extracted latents; the manifest records which, with the class names.
 
 Every image is stored once, with the latent of its horizontal flip; the output does not depend
 on the number of processes or the batch size. Re-running resumes: finished shards are kept, if
@@ -13,15 +18,15 @@ import os
 
 from latents.extract import (BadImageError, extract_shards, load_image_source,
                              make_feature_encoder)
-from latents.shards import (SettingsMismatchError, check_settings, finished_shards,
-                            plan_shards, write_manifest)
-from runtime.checkpoint import state_dict_sha256
+from latents.shards import (SettingsMismatchError, check_settings, finished_shards, plan_shards,
+                            read_records, stored_statistics, write_manifest)
 from runtime.cli import require_at_least
 from runtime.distributed import barrier, cleanup, init_distributed, split_range
+from runtime.latent_norm import LATENT_NORMS, LatentNorm
 from runtime.logging import create_logger
-from runtime.vae import LATENT_SCALE, VAE_NAMES, VAENotFoundError, load_vae
+from runtime.vae import PIXELS, VAE_NAMES, VAENotFoundError, load_vae, vae_name_for
 
-IMAGE_SIZE_MULTIPLE = 8  # the VAE downsamples by 8
+UNIT_STD_RANGE = (0.5, 2.0)  # normalised latents whose std leaves this range are worth a warning
 
 
 def parse_args(argv=None):
@@ -29,9 +34,15 @@ def parse_args(argv=None):
     parser.add_argument("--data-path", required=True, help="ImageFolder root (one folder per class)")
     parser.add_argument("--features-path", required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--vae", choices=[*VAE_NAMES, "none"], default="ema",
-                        help="'none' stores the center-cropped pixels in [-1, 1] instead")
-    parser.add_argument("--vae-path", default=None, help="local VAE folder (default ./sd-vae-ft-{vae})")
+    parser.add_argument("--vae", default=None,
+                        help=f"{' or '.join(VAE_NAMES)} (the SD VAEs), a name for the VAE of --vae-path "
+                             f"(default: its folder's name), or '{PIXELS}' to store the center-cropped "
+                             f"pixels in [-1, 1] (default: {VAE_NAMES[0]})")
+    parser.add_argument("--vae-path", default=None,
+                        help="a local diffusers AutoencoderKL folder (default ./sd-vae-ft-{vae})")
+    parser.add_argument("--latent-norm", choices=LATENT_NORMS, default="vae",
+                        help="normalise latents with the VAE config's scaling_factor / shift_factor, or "
+                             "with the per-channel mean and std measured over the extracted latents")
     parser.add_argument("--global-seed", type=int, default=0, help="seeds the posterior samples")
     parser.add_argument("--shard-size", type=int, default=8192, help="images per shard file")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -42,27 +53,64 @@ def parse_args(argv=None):
 
     if not os.path.isdir(args.data_path):
         raise SystemExit(f"error: --data-path {args.data_path} is not a folder")
-    if args.image_size <= 0 or args.image_size % IMAGE_SIZE_MULTIPLE:
-        raise SystemExit(f"error: --image-size must be a positive multiple of {IMAGE_SIZE_MULTIPLE}")
-    require_at_least(args, 1, "shard_size", "batch_size")
+    args.vae = vae_name_for(args.vae, args.vae_path)
+    if args.vae == PIXELS and (args.vae_path or args.latent_norm != "vae"):
+        raise SystemExit(f"error: --vae {PIXELS} stores pixels: --vae-path and --latent-norm are for VAEs")
+    require_at_least(args, 1, "image_size", "shard_size", "batch_size")
     require_at_least(args, 0, "num_workers")
     return args
+
+
+def load_vae_and_images(args, device):
+    """(LatentVAE or None for pixels, ImageSource); SystemExit with one line when either is missing."""
+    try:
+        vae = None if args.vae == PIXELS else load_vae(args.vae, args.vae_path, device)
+        source = load_image_source(args.data_path)
+    except (VAENotFoundError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}")
+    if vae is not None and args.image_size % vae.downsampling:
+        raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the VAE's "
+                         f"downsampling factor {vae.downsampling}")
+    return vae, source
+
+
+def extraction_settings(args, vae, source):
+    """Everything the stored shards depend on: a re-run adds to a folder only with the same."""
+    return {"data_fingerprint": source.fingerprint, "num_images": len(source.samples),
+            "image_size": args.image_size, "vae": args.vae, "seed": args.global_seed,
+            "shard_size": args.shard_size,
+            "vae_weights_sha256": None if vae is None else vae.weights_sha256,
+            "latent_norm": None if vae is None else args.latent_norm,
+            "stored_norm": None if vae is None or args.latent_norm == "channel" else vae.norm.record()}
+
+
+def describe_latents(args, vae, specs, logger):
+    """The manifest's fields on the latents: their normalisation, and whether the stored values
+    still need it (--latent-norm channel stores raw latents, measured once all are stored)."""
+    if vae is None:
+        return {"vae": PIXELS, "vae_path": None, "downsampling": 1, "latent_norm": None, "normalised_on_read": False}
+    mean, std = stored_statistics(read_records(args.features_path, specs))
+    if args.latent_norm == "channel":
+        norm = LatentNorm.of_channels(mean, std)
+    else:
+        norm = vae.norm
+        if not UNIT_STD_RANGE[0] <= min(std) <= max(std) <= UNIT_STD_RANGE[1]:
+            logger.warning(f"the latents normalised with the VAE's {norm.describe()} have per-channel std "
+                           f"{[round(value, 3) for value in std]}, far from 1: the model trains on them as "
+                           f"they are; --latent-norm channel would measure a normalisation instead")
+    logger.info(f"latent normalisation: {norm.describe()}")
+    return {"vae": args.vae, "vae_path": os.path.abspath(vae.path), "downsampling": vae.downsampling,
+            "latent_norm": norm.record(),
+            "normalised_on_read": args.latent_norm == "channel"}
 
 
 def main(argv=None):
     args = parse_args(argv)
     context = init_distributed()
-    try:
-        vae = None if args.vae == "none" else load_vae(args.vae, args.vae_path, context.device)
-        source = load_image_source(args.data_path)
-    except (VAENotFoundError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}")
-    encode, feature_shape = make_feature_encoder(vae, args.image_size, args.global_seed,
-                                                 context.device)
-    settings = {"data_fingerprint": source.fingerprint, "num_images": len(source.samples),
-                "image_size": args.image_size, "vae": args.vae, "seed": args.global_seed,
-                "shard_size": args.shard_size,
-                "vae_weights_sha256": None if vae is None else state_dict_sha256(vae.state_dict())}
+    vae, source = load_vae_and_images(args, context.device)
+    encode, feature_shape = make_feature_encoder(vae, args.image_size, args.global_seed, context.device,
+                                                 normalise=args.latent_norm == "vae")
+    settings = extraction_settings(args, vae, source)
     try:
         check_settings(args.features_path, settings)
     except SettingsMismatchError as error:
@@ -88,9 +136,12 @@ def main(argv=None):
     barrier()
 
     if context.is_main:
+        try:
+            latents = describe_latents(args, vae, specs, logger)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}")
         manifest = write_manifest(args.features_path, specs, {
-            "image_size": args.image_size, "latent_shape": list(feature_shape), "vae": args.vae,
-            "scale_factor": None if vae is None else LATENT_SCALE,
+            "image_size": args.image_size, "latent_shape": list(feature_shape), **latents,
             "class_to_idx": source.class_to_idx, "settings": settings})
         logger.info(f"wrote {manifest['count']} images ({len(manifest['skipped'])} skipped) "
                     f"to {args.features_path}")

@@ -2,6 +2,10 @@
 
     python image_generator.py --ckpt EDT-XL-2.pt --class-labels 207 360 387 974 --samples-per-class 4
     python image_generator.py --ckpt EDT-XL-2.pt --compare-amm    (with and without AMM, same noise)
+    python image_generator.py --ckpt results/000-EDT-S-2/checkpoints/0010000.pt --class-labels cat dog
+
+Classes are given by index or by the names a checkpoint of train_mask_adan.py records (the
+ImageFolder's); an unconditional model samples a grid of four rows without labels.
 
 Image k of the grid (row-major) uses the noise of (seed, k), so grids made with different
 settings from the same seed are directly comparable.
@@ -18,20 +22,25 @@ from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
 from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
 from sampling.images import enlarge, make_grid, save_png, side_by_side
-from sampling.loading import SamplingSetupError, load_sampling_model
+from sampling.loading import SamplingSetupError, class_labels, guidance_scale, load_sampling_model
 from sampling.naming import amm_tag, comparison_tag, sample_name
 from sampling.sampler import guided_model_fn, sample_images
 
 DEFAULT_MODEL = "EDT-XL/2"
-DEFAULT_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+DEFAULT_CFG_SCALE = 4.0
+IMAGENET_CLASSES = 1000
+DEFAULT_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet's; other models: their first classes
+UNCONDITIONAL_ROWS = 4
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(parser, default_model=DEFAULT_MODEL)
-    add_sampling_arguments(parser, cfg_scale=4.0)
-    parser.add_argument("--class-labels", type=int, nargs="+", default=list(DEFAULT_CLASSES),
-                        help="one grid row per class")
+    add_sampling_arguments(parser, cfg_scale=DEFAULT_CFG_SCALE)
+    parser.add_argument("--class-labels", nargs="+", default=None,
+                        help="one grid row per class: indices or the checkpoint's class names (default: "
+                             f"{' '.join(map(str, DEFAULT_CLASSES))} for ImageNet models, else the first "
+                             f"{len(DEFAULT_CLASSES)} classes)")
     parser.add_argument("--samples-per-class", type=int, default=4, help="grid columns")
     parser.add_argument("--compare-amm", action="store_true",
                         help="also sample without AMM from the same noise; save both grids side by side")
@@ -49,15 +58,27 @@ def load(args, device):
     """The model and VAE; SystemExit with one line on bad input."""
     try:
         loaded = load_sampling_model(**loader_kwargs(args), device=device, default_model_name=DEFAULT_MODEL)
+        args.cfg_scale = guidance_scale(loaded, args.cfg_scale, DEFAULT_CFG_SCALE)
+        args.class_labels = grid_rows(loaded, args.class_labels)
     except (CheckpointError, VAENotFoundError, SamplingSetupError) as error:
         raise SystemExit(f"error: {error}")
-    bad = [label for label in args.class_labels if not 0 <= label < loaded.num_classes]
-    if bad:
-        raise SystemExit(f"error: --class-labels {bad} outside 0 .. {loaded.num_classes - 1}")
     if args.compare_amm and not loaded.model.amm_blocks:
         raise SystemExit(f"error: --compare-amm needs AMM blocks, and {loaded.model_name} has none "
                          "as loaded: add --amm or --amm-blocks")
     return loaded
+
+
+def grid_rows(loaded, requested):
+    """The class of each grid row: those requested (names or indices), or the default ones."""
+    if loaded.unconditional:
+        if requested:
+            raise SamplingSetupError(f"{loaded.model_name} is unconditional: it takes no --class-labels")
+        return [0] * UNCONDITIONAL_ROWS
+    if requested:
+        return class_labels(loaded, requested)
+    if loaded.num_classes == IMAGENET_CLASSES:
+        return list(DEFAULT_CLASSES)
+    return list(range(min(loaded.num_classes, len(DEFAULT_CLASSES))))
 
 
 def sample_grid(sample, loaded, args):
@@ -68,6 +89,13 @@ def sample_grid(sample, loaded, args):
                             loaded.num_classes, labels, progress=True)
     images = np.concatenate([batch_images for _, batch_images in batches])
     return make_grid(images, rows=len(args.class_labels), columns=args.samples_per_class)
+
+
+def rows_description(loaded, labels):
+    if loaded.unconditional:
+        return "unconditional"
+    return "rows: " + ", ".join(f"{label} ({loaded.class_name(label)})" if loaded.class_names else str(label)
+                                for label in labels)
 
 
 def grid_path(args, loaded, amm):
@@ -95,7 +123,7 @@ def main(argv=None):
         grids.append(sample_grid(sample, loaded, args))
         path = grid_path(args, loaded, amm_tag(amm_blocks, loaded.model.amm_variant))
         save_png(path, enlarge(grids[-1], args.zoom))
-        logger.info(f"saved {path} (classes {args.class_labels}, AMM blocks {amm_blocks})")
+        logger.info(f"saved {path} ({rows_description(loaded, args.class_labels)}, AMM blocks {amm_blocks})")
     if args.compare_amm:
         path = grid_path(args, loaded, comparison_tag(settings[0], loaded.model.amm_variant))
         save_png(path, enlarge(side_by_side(*grids), args.zoom))

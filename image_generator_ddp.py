@@ -10,14 +10,15 @@ size can move a few pixels by one level (float32 rounding, seen on EDT-S/2). Eac
 as `{index:06d}.png` in the sample folder, whose name records the settings and whose
 manifest.json the sha256 of the weights; a re-run with the same weights samples only the missing
 ones (other weights are refused), then the npz `samples_{N}x{H}x{W}x3.npz` (`arr_0` images,
-`arr_1` labels) is assembled from them.
+`arr_1` labels) is assembled from them. --class-labels (indices or the checkpoint's class
+names) samples only those classes; an unconditional model samples without labels (all 0).
 """
 import argparse
 import os
 
 import torch
 
-from runtime.checkpoint import CheckpointError
+from runtime.checkpoint import CheckpointError, summarise
 from runtime.cli import require_at_least
 from runtime.cuda_graphs import CUDAGraphed
 from runtime.distributed import barrier, cleanup, init_distributed, split_range
@@ -26,21 +27,25 @@ from runtime.vae import VAENotFoundError
 from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
 from sampling.folder import SampleFolderMismatchError, bind_sample_folder, folder_record
 from sampling.images import missing_indices, npz_name, save_pngs, write_npz_from_pngs
-from sampling.loading import SamplingSetupError, load_sampling_model
+from sampling.loading import SamplingSetupError, class_labels, guidance_scale, load_sampling_model
 from sampling.naming import amm_tag, sample_name
 from sampling.sampler import all_labels, balanced_labels, guided_model_fn, sample_images
+
+DEFAULT_CFG_SCALE = 1.0  # FID-50K as released
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(parser)
-    add_sampling_arguments(parser, cfg_scale=1.0)
+    add_sampling_arguments(parser, cfg_scale=DEFAULT_CFG_SCALE)
     parser.add_argument("--output-dir", default="samples", help="the sample folder goes in here")
     parser.add_argument("--num-images", type=int, default=50_000)
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--class-balanced", action="store_true",
                         help="exactly num_images / num_classes images per class")
+    parser.add_argument("--class-labels", nargs="+", default=None,
+                        help="sample only these classes (indices or the checkpoint's class names)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the model from CUDA graphs (the same samples, less launch overhead)")
     args = parser.parse_args(argv)
@@ -55,11 +60,22 @@ def setup(args, context):
     """Model, VAE and fixed labels; SystemExit with one line (from rank 0) on bad input."""
     try:
         loaded = load_sampling_model(**loader_kwargs(args), device=context.device)
-        labels = (balanced_labels(args.global_seed, args.num_images, loaded.num_classes)
-                  if args.class_balanced else None)
+        args.cfg_scale = guidance_scale(loaded, args.cfg_scale, DEFAULT_CFG_SCALE)
+        args.class_labels = class_labels(loaded, args.class_labels) if args.class_labels else None
+        labels = fixed_labels(args, loaded.num_classes)
     except (CheckpointError, VAENotFoundError, SamplingSetupError, ValueError) as error:
         raise SystemExit(f"error: {error}" if context.is_main else 1)
     return loaded, labels
+
+
+def fixed_labels(args, num_classes):
+    """(num_images,) labels fixed up front, or None: each image draws its own class."""
+    classes = torch.tensor(args.class_labels) if args.class_labels else torch.arange(num_classes)
+    if args.class_balanced:
+        return classes[balanced_labels(args.global_seed, args.num_images, len(classes))]
+    if args.class_labels:
+        return classes[all_labels(args.global_seed, args.num_images, len(classes))]
+    return None
 
 
 def sample_folder(args, loaded):
@@ -69,7 +85,14 @@ def sample_folder(args, loaded):
         args.sampler, args.num_sampling_steps, amm_tag(loaded.model.amm_blocks, loaded.model.amm_variant),
         args.global_seed,
         CFG_CHANNELS[args.cfg_channels], args.mixed_precision,
-        args.num_images if args.class_balanced else None))
+        args.num_images if args.class_balanced else None, args.class_labels))
+
+
+def classes_description(loaded, labels):
+    if loaded.unconditional:
+        return "unconditional"
+    chosen = range(loaded.num_classes) if labels is None else labels
+    return f"classes {summarise([loaded.class_name(label) for label in chosen])}"
 
 
 def main(argv=None):
@@ -90,7 +113,8 @@ def main(argv=None):
         missing = missing_indices(folder, args.num_images)
         barrier()
         mine = [missing[i] for i in split_range(len(missing), context.rank, context.world_size)]
-        logger.info(f"{loaded.model_name} from {args.ckpt}, AMM blocks {loaded.model.amm_blocks}; "
+        logger.info(f"{loaded.model_name} from {args.ckpt}, AMM blocks {loaded.model.amm_blocks}, "
+                    f"{classes_description(loaded, args.class_labels)}; "
                     f"{args.num_images - len(missing)} of {args.num_images} images already in "
                     f"{folder}, sampling {len(missing)} on {context.world_size} processes")
 

@@ -21,6 +21,8 @@ norm; loss spikes are logged (training/guard.py). --eval-every K --eval-images N
 --eval-reference REF.npz logs the EMA model's FID (and Inception Score) every K steps, from N
 images sampled with the sampling scripts' sampler (--eval-sampler, --eval-sampling-steps,
 --eval-cfg-scale) and scored by ADM's Inception graph in PyTorch (training/evaluation.py).
+--unconditional ignores the labels. Checkpoints record the features' VAE, latent normalisation
+and class names, which the sampling scripts, the demo and the diffusers converter read.
 """
 import argparse
 
@@ -42,8 +44,10 @@ def parse_args(argv=None):
     data.add_argument("--results-dir", default="results")
     data.add_argument("--image-size", type=int, default=None, help="checked against the features")
     data.add_argument("--num-classes", type=int, default=None, help="checked against the features")
-    data.add_argument("--vae", choices=["ema", "mse", "none"], default=None,
-                      help="checked against the features (recorded in checkpoints)")
+    data.add_argument("--vae", default=None,
+                      help="checked against the features' VAE name (ema, mse, another, none; recorded in checkpoints)")
+    data.add_argument("--unconditional", action="store_true",
+                      help="an unconditional model: the labels are ignored (one class, no label dropout)")
     data.add_argument("--num-workers", type=int, default=4)
     data.add_argument("--no-flip", action="store_true",
                       help="never use the stored horizontal flips (for data where a mirror image "
@@ -116,6 +120,9 @@ def parse_args(argv=None):
     if args.loss_spike_factor <= 1:
         raise SystemExit("error: --loss-spike-factor must be above 1")
     check_evaluation_flags(parser, args)
+    if args.unconditional and (args.num_classes is not None or args.eval_cfg_scale != 1.0):
+        raise SystemExit("error: an --unconditional model has one class and no guidance: "
+                         "drop --num-classes and --eval-cfg-scale")
     if args.fused_mask_batch and args.no_mask:
         raise SystemExit("error: --fused-mask-batch fuses the masked pass; it has no use with --no-mask")
     if args.init_lr is None:

@@ -18,6 +18,7 @@ QUICKSTART_CHECKPOINTS = os.path.join("quickstart_output", "results", "*", "chec
 MAKE_CHECKPOINT = "python quickstart.py  (trains one into quickstart_output/ in about five minutes on CPU)"
 COLUMNS = 4  # images per grid row
 DISPLAY_SIDE = 128  # small images (8x8 digits) are enlarged to about this many pixels
+UNCONDITIONAL_CLASS = "unconditional"
 
 
 class DemoInputError(ValueError):
@@ -39,7 +40,7 @@ class DemoModel:
     ckpt: str
     loaded: object  # a SamplingModel
     amm_blocks: list  # the model's AMM blocks as loaded: the default comparison
-    class_names: list  # one per class
+    class_names: list  # one per class (an unconditional model's one class: UNCONDITIONAL_CLASS)
 
     @property
     def num_blocks(self):
@@ -69,13 +70,16 @@ class CheckpointCache:
             loaded = load_sampling_model(ckpt, vae_path=self.vae_path, device=self.device)
         except (CheckpointError, VAENotFoundError, SamplingSetupError) as error:
             raise DemoInputError(str(error)) from None
-        self.current = DemoModel(ckpt, loaded, loaded.model.amm_blocks, self.names_for(loaded.num_classes))
+        self.current = DemoModel(ckpt, loaded, loaded.model.amm_blocks, self.names_for(loaded))
         return self.current
 
-    def names_for(self, num_classes):
-        if self.class_names and len(self.class_names) == num_classes:
+    def names_for(self, loaded):
+        """The app's --class-names when they fit the model, else the checkpoint's, else indices."""
+        if loaded.unconditional:
+            return [UNCONDITIONAL_CLASS]
+        if self.class_names and len(self.class_names) == loaded.num_classes:
             return list(self.class_names)
-        return [str(label) for label in range(num_classes)]
+        return list(loaded.class_names or map(str, range(loaded.num_classes)))
 
 
 #################################################################################
@@ -125,6 +129,8 @@ def check_request(request, demo_model, max_images):
         raise DemoInputError("the seed must be at least 0")
     if request.cfg_scale < 1.0:
         raise DemoInputError("the guidance scale must be at least 1")
+    if demo_model.loaded.unconditional and request.cfg_scale != 1.0:
+        raise DemoInputError("this model is unconditional: it samples without guidance, so the guidance scale must be 1")
     if not request.amm_blocks:
         raise DemoInputError("choose at least one AMM block to compare with no AMM")
     bad = [index for index in request.amm_blocks if not 0 <= index < demo_model.num_blocks]

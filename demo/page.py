@@ -22,9 +22,14 @@ def amm_choices(demo_model):
     return [(str(index), index) for index in range(demo_model.num_blocks)]
 
 
+def default_cfg(demo_model):
+    return 1.0 if demo_model.loaded.unconditional else DEFAULT_CFG
+
+
 def model_summary(demo_model):
     loaded = demo_model.loaded
-    return (f"**{loaded.model_name}** from `{demo_model.ckpt}`: {len(demo_model.class_names)} classes, "
+    classes = "unconditional" if loaded.unconditional else f"{len(demo_model.class_names)} classes"
+    return (f"**{loaded.model_name}** from `{demo_model.ckpt}`: {classes}, "
             f"{loaded.image_size}x{loaded.image_size} px, VAE {loaded.vae_name}, "
             f"{demo_model.num_blocks} blocks, AMM as loaded in {demo_model.amm_blocks}")
 
@@ -39,7 +44,7 @@ def build_page(cache, initial, max_images, batch_size):
             raise gr.Error(str(error))
         return (gr.update(choices=class_choices(demo_model), value="0"),
                 gr.update(choices=amm_choices(demo_model), value=demo_model.amm_blocks),
-                model_summary(demo_model))
+                model_summary(demo_model), gr.update(value=default_cfg(demo_model)))
 
     def run(ckpt, class_label, cfg_scale, sampler, num_steps, seed, num_images, amm_blocks,
             progress=gr.Progress()):
@@ -64,7 +69,7 @@ def build_page(cache, initial, max_images, batch_size):
         with gr.Row():
             class_label = gr.Dropdown(class_choices(initial), value="0", allow_custom_value=True,
                                       label="class (a name or an index)", elem_id="class")
-            cfg_scale = gr.Slider(1.0, MAX_CFG, value=DEFAULT_CFG, step=0.1, label="guidance scale",
+            cfg_scale = gr.Slider(1.0, MAX_CFG, value=default_cfg(initial), step=0.1, label="guidance scale",
                                   elem_id="cfg")
             sampler = gr.Dropdown(SAMPLER_CHOICES, value=SAMPLER_CHOICES[0], label="sampler", elem_id="sampler")
             num_steps = gr.Number(DEFAULT_STEPS, precision=0, minimum=1, maximum=MAX_STEPS,
@@ -80,7 +85,7 @@ def build_page(cache, initial, max_images, batch_size):
                          buttons=["download", "fullscreen"], elem_id="comparison")
         summary = gr.Markdown(elem_id="summary")
 
-        ckpt.submit(load, ckpt, [class_label, amm_blocks, info])
+        ckpt.submit(load, ckpt, [class_label, amm_blocks, info, cfg_scale])
         button.click(run, [ckpt, class_label, cfg_scale, sampler, num_steps, seed, num_images, amm_blocks],
                      [image, summary])
     return page

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from latents.shards import open_shard, read_manifest
+from latents.shards import class_names, manifest_latent_norm, open_shard, read_manifest
 
 
 class LatentDataset(Dataset):
@@ -11,21 +11,26 @@ class LatentDataset(Dataset):
 
     The stored latent of the image or of its horizontal flip is chosen by a table drawn from
     (seed, epoch): the same in every DataLoader worker and every process, different each epoch.
-    Call `set_epoch` before each epoch. seed None draws a fresh one.
+    Call `set_epoch` before each epoch. seed None draws a fresh one. `unconditional` labels
+    every item 0 (the one class of an unconditional model). Latents stored raw
+    (`normalised_on_read`, --latent-norm channel) are normalised here.
 
     The shards are memory-mapped lazily in each process and never pickled, so DataLoader
     workers start cheaply under any multiprocessing start method.
     """
 
-    def __init__(self, features_path, seed=None, random_flip=True):
+    def __init__(self, features_path, seed=None, random_flip=True, unconditional=False):
         self.features_path = features_path
         self.manifest = read_manifest(features_path)
         self.labels = np.concatenate([labels for _, labels in self.open_shards()])  # (N,) int64
+        if unconditional:
+            self.labels = np.zeros_like(self.labels)
         # shard_ends[k] = number of items in shards 0..k
         self.shard_ends = np.cumsum([shard["count"] for shard in self.manifest["shards"]])
         self.features = None
         self.seed = np.random.SeedSequence().entropy if seed is None else seed
         self.random_flip = random_flip
+        self.read_norm = self.latent_norm if self.manifest.get("normalised_on_read") else None
         self.set_epoch(0)
 
     def open_shards(self):
@@ -49,8 +54,10 @@ class LatentDataset(Dataset):
         offset = index - (self.shard_ends[shard - 1] if shard else 0)
         if self.features is None:
             self.features = [features for features, _ in self.open_shards()]
-        latent = self.features[shard][offset, self.flips[index]]  # (C, h, w) float16
-        return torch.from_numpy(latent.astype(np.float32)), torch.tensor(self.labels[index])
+        latent = torch.from_numpy(self.features[shard][offset, self.flips[index]].astype(np.float32))  # (C, h, w)
+        if self.read_norm is not None:
+            latent = self.read_norm.normalise(latent)
+        return latent, torch.tensor(self.labels[index])
 
     @property
     def latent_shape(self):
@@ -65,6 +72,15 @@ class LatentDataset(Dataset):
         return self.manifest["image_size"]
 
     @property
+    def class_names(self):
+        return class_names(self.manifest)
+
+    @property
+    def latent_norm(self):
+        """What turns the VAE's latents into the model's (runtime.latent_norm.LatentNorm); None for pixels."""
+        return manifest_latent_norm(self.manifest)
+
+    @property
     def vae(self):
-        """"ema", "mse", or "none" for pixels in [-1, 1]."""
+        """"ema", "mse", another VAE's name, or "none" for pixels in [-1, 1]."""
         return self.manifest["vae"]

@@ -17,7 +17,6 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from latents.shards import write_shard
-from runtime import vae as vae_lib
 from runtime.seeding import item_generator
 from runtime.transforms import center_crop_arr
 
@@ -111,11 +110,13 @@ def posterior_noise(seed, indices, latent_shape):
     return torch.cat(noise)
 
 
-def make_feature_encoder(vae, image_size, seed, device):
+def make_feature_encoder(vae, image_size, seed, device, normalise=True):
     """Returns (encode, feature_shape); encode(pixels uint8 (B, S, S, 3), global indices)
     gives float16 numpy (B, 2, *feature_shape): the image and its flip.
 
-    vae None stores the pixels themselves, in [-1, 1] (pixel-space training)."""
+    vae: a runtime.vae.LatentVAE, whose latents are stored normalised by its config's factors,
+    or raw with `normalise` False; None stores the pixels themselves, in [-1, 1] (pixel-space
+    training)."""
     if vae is None:
         feature_shape = (PIXEL_CHANNELS, image_size, image_size)
 
@@ -123,12 +124,14 @@ def make_feature_encoder(vae, image_size, seed, device):
             features = with_flips(to_model_input(pixels))
             return features.reshape(len(indices), 2, *feature_shape).half().numpy()
     else:
-        feature_shape = vae_lib.latent_shape(vae, image_size)
+        feature_shape = vae.latent_shape(image_size)
 
         def encode(pixels, indices):
             images = with_flips(to_model_input(pixels)).to(device)
             noise = posterior_noise(seed, indices, feature_shape).to(device)
-            latents = vae_lib.encode(vae, images, noise)  # (2B, C, h, w)
+            latents = vae.sample_latents(images, noise)  # (2B, C, h, w)
+            if normalise:
+                latents = vae.norm.normalise(latents)
             return latents.reshape(len(indices), 2, *feature_shape).half().cpu().numpy()
     return encode, feature_shape
 

@@ -6,10 +6,14 @@ wrote it. Each shard is three files, each written under a temporary name and ren
 
     shard-00000.latents.npy   float16 (n, 2, C, h, w): [image, horizontal flip]
     shard-00000.labels.npy    int64 (n,)
-    shard-00000.json          the record (range, count, skipped images, settings);
-                              written last, so its presence marks a finished shard.
+    shard-00000.json          the record (range, count, skipped images, per-channel sums,
+                              settings); written last, so its presence marks a finished shard.
 
-`manifest.json` is written once every shard is finished and lists them in order.
+`manifest.json` is written once every shard is finished and lists them in order, with the
+per-channel mean and standard deviation of everything stored (images and flips), summed shard
+by shard in shard order, so they do not depend on the number of processes either. The latents
+are stored normalised (`latent_norm` of kind "vae"), or raw and normalised when read
+(`normalised_on_read`: kind "channel", whose statistics are known only once all are stored).
 """
 import os
 import re
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.io import atomic_path, read_json, write_json
+from runtime.latent_norm import LatentNorm
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -72,8 +77,17 @@ def write_shard(features_path, spec, features, labels, skipped, settings):
     record = {"index": spec.index, "start": spec.start, "stop": spec.stop, "count": len(labels),
               "latents": shard_file(spec.index, "latents"),
               "labels": shard_file(spec.index, "labels"),
-              "skipped": skipped, "settings": settings}
+              "skipped": skipped, "channel_sums": channel_sums(features), "settings": settings}
     write_json(os.path.join(features_path, shard_file(spec.index, "record")), record)
+
+
+def channel_sums(features):
+    """Per-channel count, sum and sum of squares of stored features (n, 2, C, h, w), in float64
+    from the float16 values stored."""
+    values = np.asarray(features, dtype=FEATURE_DTYPE).astype(np.float64)
+    axes = (0, 1, 3, 4)
+    return {"count": int(values.size // max(values.shape[2], 1)),
+            "sum": values.sum(axis=axes).tolist(), "sum_squares": np.square(values).sum(axis=axes).tolist()}
 
 
 def finished_shards(features_path):
@@ -105,20 +119,41 @@ def check_settings(features_path, settings):
 #                                  Manifest                                     #
 #################################################################################
 
-def write_manifest(features_path, specs, description):
-    """Joins the records of all shards into the manifest; `description` adds the fields that
-    readers need (image_size, latent_shape, vae, scale_factor, class_to_idx, settings)."""
+def read_records(features_path, specs):
+    """The records of the shards `specs`, in order; FileNotFoundError for an unfinished one."""
     records = []
     for spec in specs:
         path = os.path.join(features_path, shard_file(spec.index, "record"))
         if not os.path.exists(path):
             raise FileNotFoundError(f"shard {spec.index} is not finished: {path} is missing")
         records.append(read_json(path))
+    return records
+
+
+def stored_statistics(records):
+    """(mean, std) per channel of everything the shards store, summed in shard order."""
+    count = sum(record["channel_sums"]["count"] for record in records)
+    if count == 0:
+        raise ValueError("no latents were stored")
+    totals = [np.sum([record["channel_sums"][key] for record in records], axis=0) for key in ("sum", "sum_squares")]
+    mean = totals[0] / count
+    std = np.sqrt(np.maximum(totals[1] / count - np.square(mean), 0))
+    return mean.tolist(), std.tolist()
+
+
+def write_manifest(features_path, specs, description):
+    """Joins the records of all shards into the manifest; `description` adds the fields that
+    readers need (image_size, latent_shape, vae, latent_norm, normalised_on_read, class_to_idx,
+    settings). The stored values' per-channel statistics go in as `stored_statistics`."""
+    records = read_records(features_path, specs)
     shards = [{key: record[key] for key in ("latents", "labels", "start", "stop", "count")}
               for record in records]
+    count = sum(shard["count"] for shard in shards)
+    mean, std = stored_statistics(records) if count else ([], [])
     manifest = {"format_version": FORMAT_VERSION,
-                "count": sum(shard["count"] for shard in shards),
+                "count": count,
                 **description,
+                "stored_statistics": {"mean": mean, "std": std},
                 "dtype": np.dtype(FEATURE_DTYPE).name,
                 "shards": shards,
                 "skipped": [entry for record in records for entry in record["skipped"]]}
@@ -136,6 +171,20 @@ def read_manifest(features_path):
         raise ValueError(f"{path} has format version {manifest['format_version']}, "
                          f"this code reads version {FORMAT_VERSION}")
     return manifest
+
+
+def manifest_latent_norm(manifest):
+    """The manifest's LatentNorm (None for pixels); manifests written before it was recorded
+    hold the SD VAEs' `scale_factor` instead."""
+    if "latent_norm" in manifest:
+        return LatentNorm.from_record(manifest["latent_norm"])
+    scale = manifest.get("scale_factor")
+    return None if scale is None else LatentNorm("vae", scaling_factor=scale)
+
+
+def class_names(manifest):
+    """The ImageFolder's class names in class-index order."""
+    return [name for name, _ in sorted(manifest["class_to_idx"].items(), key=lambda item: item[1])]
 
 
 def open_shard(features_path, shard):

@@ -156,6 +156,11 @@ class GuidedDiffusionModel(nn.Module):
         zero_module_output(self.final_layer.adaLN_modulation[-1])
         zero_module_output(self.final_layer.linear)
 
+    @property
+    def unconditional(self):
+        """One class and no null class: trained without labels (train_mask_adan.py --unconditional)."""
+        return self.y_embedder.num_classes == 1 and not self.y_embedder.has_null_class
+
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
         """Runs the first half of the batch twice, with the labels as given (conditional first,
         null labels second), and applies guidance to the first `cfg_channels` output channels

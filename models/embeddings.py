@@ -55,10 +55,14 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
-        has_null_class = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + has_null_class, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + self.has_null_class, hidden_size)
+
+    @property
+    def has_null_class(self):
+        """Without label dropout there is no null class, and so no classifier-free guidance."""
+        return self.dropout_prob > 0
 
     def drop_labels(self, labels, force_drop_ids=None):
         if force_drop_ids is None:

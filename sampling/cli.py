@@ -1,6 +1,6 @@
 """Command-line options shared by the two sampling scripts."""
 from models.attention import AMM_VARIANTS
-from runtime.vae import VAE_NAMES
+from runtime.vae import PIXELS, VAE_NAMES
 
 from .loading import AMM_PRESET
 from .sampler import PRECISIONS, SAMPLERS, Sampler
@@ -19,9 +19,12 @@ def add_model_arguments(parser, default_model=None):
                         help="default: the checkpoint's, else 256")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="default: the checkpoint's, else 1000")
-    parser.add_argument("--vae", choices=(*VAE_NAMES, "none"), default=None,
-                        help="default: the checkpoint's, else ema; 'none' for pixel-space models")
-    parser.add_argument("--vae-path", default=None, help="local VAE folder (default ./sd-vae-ft-{vae})")
+    parser.add_argument("--vae", default=None,
+                        help=f"default: the checkpoint's, else {VAE_NAMES[0]}; {' or '.join(VAE_NAMES)} are the "
+                             f"SD VAEs, '{PIXELS}' for pixel-space models")
+    parser.add_argument("--vae-path", default=None,
+                        help="local AutoencoderKL folder (default: where the checkpoint's features VAE was, "
+                             "else ./sd-vae-ft-{vae}); it must be the VAE the model was trained on")
     amm = parser.add_mutually_exclusive_group()
     amm.add_argument("--amm", dest="amm", action="store_const", const=AMM_PRESET,
                      help="AMM in the model's default blocks (without these three flags the "
@@ -35,7 +38,8 @@ def add_model_arguments(parser, default_model=None):
 
 
 def add_sampling_arguments(parser, cfg_scale):
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help=f"classifier-free guidance (default {cfg_scale:g}; unconditional models: 1 only)")
     parser.add_argument("--cfg-channels", choices=tuple(CFG_CHANNELS), default="3",
                         help="guide the first 3 output channels (as released) or all")
     parser.add_argument("--sampler", default="ddpm", metavar="{" + ",".join(SAMPLERS) + "}",
@@ -54,7 +58,7 @@ def make_sampler(args):
         raise SystemExit(f"error: --sampler {args.sampler}: unknown; choose from {', '.join(SAMPLERS)}")
     if args.num_sampling_steps < 1:
         raise SystemExit("error: --num-sampling-steps must be at least 1")
-    if args.cfg_scale < 1.0:
+    if args.cfg_scale is not None and args.cfg_scale < 1.0:
         raise SystemExit("error: --cfg-scale must be at least 1")
     try:
         return Sampler(args.sampler, args.num_sampling_steps)

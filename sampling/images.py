@@ -7,7 +7,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime import vae as vae_lib
 from runtime.io import atomic_path
 
 PNG_NAME_DIGITS = 6
@@ -29,9 +28,10 @@ def to_uint8(images):
 
 
 def decode_to_uint8(vae, samples):
-    """Latents (B, C, h, w) -> uint8 (B, H, W, 3); vae None: the samples are pixels already."""
+    """The model's latents (B, C, h, w) -> uint8 (B, H, W, 3) through a runtime.vae.LatentVAE,
+    which undoes the latents' normalisation; vae None: the samples are pixels already."""
     with torch.no_grad():
-        images = samples if vae is None else vae_lib.decode(vae, samples.to(vae.dtype))
+        images = samples if vae is None else vae.decode(samples)
     return to_uint8(images)
 
 

@@ -3,16 +3,20 @@
 Two checkpoint kinds load:
 - released ones (a raw state dict, or {model, ema, opt, args}): the model is `--model NAME`,
   with input_size = image_size / (VAE downsampling) and `num_classes`;
-- ours (train_mask_adan.py): {model, ema, args, model_config, vae, image_size}, rebuilt from
-  its model_config; `vae` and `image_size` become the defaults.
+- ours (train_mask_adan.py): {model, ema, args, model_config, vae, vae_path,
+  vae_weights_sha256, latent_norm, image_size, class_names, unconditional}, rebuilt from its
+  model_config; its VAE, normalisation and image size become the defaults, and a VAE with other
+  weights or statistics than it was trained on is refused.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from models import ALL_MODELS, build_model, model_config
 from runtime import vae as vae_lib
-from runtime.checkpoint import load_weights, read_checkpoint, state_dict_sha256
+from runtime.checkpoint import load_weights, read_checkpoint, state_dict_sha256, summarise
+from runtime.latent_norm import LatentNorm
 
 
 DEFAULT_IMAGE_SIZE = 256
@@ -31,11 +35,12 @@ class SamplingModel:
     model: torch.nn.Module
     model_name: str
     image_size: int
-    vae_name: str  # "ema", "mse" or "none" (pixel space)
-    vae: object  # the AutoencoderKL, or None in pixel space
+    vae_name: str  # "ema", "mse", another VAE's name, or "none" (pixel space)
+    vae: object  # a runtime.vae.LatentVAE (the VAE and its latent normalisation), or None in pixel space
     latent_shape: tuple  # (C, h, w) the model samples
     weights_sha256: str  # of the weights loaded (runtime.checkpoint.state_dict_sha256)
     config: dict  # model_config(name, **kwargs) that rebuilds the model, its AMM setting included
+    class_names: Optional[list]  # recorded by training, one per class; None for released checkpoints
 
     @property
     def dtype(self):
@@ -44,6 +49,13 @@ class SamplingModel:
     @property
     def num_classes(self):
         return self.model.y_embedder.num_classes
+
+    @property
+    def unconditional(self):
+        return self.model.unconditional
+
+    def class_name(self, label):
+        return self.class_names[label] if self.class_names else str(label)
 
 
 #################################################################################
@@ -67,7 +79,10 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
     recorded = checkpoint if isinstance(checkpoint, dict) and "model_config" in checkpoint else {}
     image_size = image_size or recorded.get("image_size") or DEFAULT_IMAGE_SIZE
     vae_name = vae_name or recorded.get("vae") or DEFAULT_VAE
-    vae = None if vae_name == "none" else vae_lib.load_vae(vae_name, vae_path, device)
+    try:
+        vae = None if vae_name == vae_lib.PIXELS else recorded_vae(recorded, vae_name, vae_path, device)
+    except vae_lib.VAEMismatchError as error:
+        raise SamplingSetupError(f"{ckpt}: {error}") from None
     latent_shape = sampled_shape(vae, image_size)
 
     if recorded:
@@ -88,18 +103,56 @@ def load_sampling_model(ckpt, model_name=None, image_size=None, num_classes=None
     config = model_config(config["name"], **{**config["kwargs"], "amm_blocks": model.amm_blocks,
                                              "amm_variant": model.amm_variant})
     return SamplingModel(model, model_name, image_size, vae_name, vae, latent_shape, weights_sha256,
-                         config)
+                         config, recorded.get("class_names"))
+
+
+def recorded_vae(recorded, vae_name, vae_path, device):
+    """The LatentVAE that decodes a checkpoint's samples: for ours, the features' VAE (checked
+    by its weights and statistics) with the recorded normalisation; for released ones (nothing
+    recorded), the named VAE with its config's factors (0.18215 for sd-vae-ft-*, as released)."""
+    same_vae = vae_name == recorded.get("vae")
+    norm = LatentNorm.from_record(recorded.get("latent_norm")) if same_vae else None
+    return vae_lib.load_recorded_vae(vae_name, vae_path, recorded.get("vae_path") if same_vae else None, device,
+                                     norm, recorded.get("vae_weights_sha256") if same_vae else None)
 
 
 def sampled_shape(vae, image_size):
     """(C, h, w) of what the model generates for one image_size x image_size image."""
     if vae is None:
         return (PIXEL_CHANNELS, image_size, image_size)
-    factor = vae_lib.downsampling_factor(vae)
-    if image_size % factor:
+    if image_size % vae.downsampling:
         raise SamplingSetupError(f"--image-size {image_size} is not a multiple of the VAE's "
-                                 f"downsampling factor {factor}")
-    return vae_lib.latent_shape(vae, image_size)
+                                 f"downsampling factor {vae.downsampling}")
+    return vae.latent_shape(image_size)
+
+
+def guidance_scale(loaded, requested, default):
+    """The guidance scale to sample with: `requested`, else `default`; an unconditional model
+    has no null class to guide with, so only 1."""
+    if loaded.unconditional:
+        if requested not in (None, 1.0):
+            raise SamplingSetupError(f"{loaded.model_name} is unconditional (trained without labels): "
+                                     f"it samples without guidance, so the guidance scale must be 1, not {requested:g}")
+        return 1.0
+    return default if requested is None else requested
+
+
+def class_labels(loaded, values):
+    """Class indices of `values`, each a class name the checkpoint records or an index;
+    SamplingSetupError for an unknown one. Names take precedence over indices."""
+    if loaded.unconditional:
+        raise SamplingSetupError(f"{loaded.model_name} is unconditional: it takes no class labels")
+    names = loaded.class_names or []
+    labels = []
+    for value in map(str, values):
+        if value in names:
+            labels.append(names.index(value))
+        elif value.isdigit() and int(value) < loaded.num_classes:
+            labels.append(int(value))
+        else:
+            known = f"classes {summarise(names)}" if names else f"classes 0 .. {loaded.num_classes - 1}"
+            raise SamplingSetupError(f"unknown class {value!r}: the model has {known}")
+    return labels
 
 
 #################################################################################

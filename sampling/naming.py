@@ -28,13 +28,13 @@ def comparison_tag(amm_blocks, variant=DEFAULT_AMM_VARIANT):
 
 
 def sample_name(model_name, ckpt, image_size, vae, cfg_scale, sampler, num_steps, amm,
-                seed, cfg_channels=3, precision="no", balanced_images=None):
+                seed, cfg_channels=3, precision="no", balanced_images=None, classes=None):
     """E.g. "EDT-S-2-0400000-size-256-vae-ema-cfg-1.0-ddpm250-amm7.10-seed-0"; `amm` is
     `amm_tag(blocks)` or a `comparison_tag`.
 
     Settings off their defaults are appended: guidance on all channels ("-guide-all"),
     autocast ("-amp-bf16"), class-balanced labels over N images ("-balanced-N": the labels of
-    a balanced run depend on N).
+    a balanced run depend on N), a subset of the classes ("-classes-3.7").
     """
     parts = [model_tag(model_name), checkpoint_tag(ckpt), f"size-{image_size}", f"vae-{vae}",
              f"cfg-{float(cfg_scale)}", f"{sampler}{num_steps}", amm, f"seed-{seed}"]
@@ -44,4 +44,6 @@ def sample_name(model_name, ckpt, image_size, vae, cfg_scale, sampler, num_steps
         parts.append(f"amp-{precision}")
     if balanced_images is not None:
         parts.append(f"balanced-{balanced_images}")
+    if classes is not None:
+        parts.append("classes-" + ".".join(map(str, classes)))
     return "-".join(parts)

@@ -21,11 +21,12 @@ from latents.shards import MANIFEST_NAME, open_shard, read_manifest, shard_file
 from runtime.checkpoint import state_dict_sha256
 from runtime.distributed import split_range
 from runtime.transforms import center_crop_arr
-from runtime.vae import LATENT_SCALE, load_vae
+from runtime.vae import load_autoencoder
 from tiny_vae import TINY_VAE_DOWNSAMPLING, save_tiny_vae
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "extract_features.py")
+SD_LATENT_SCALE = 0.18215  # the tiny VAE keeps diffusers' default scaling_factor, the SD VAEs'
 IMAGE_SIZE = 16
 SHARD_SIZE = 4
 SEED = 3
@@ -114,7 +115,9 @@ def test_manifest_describes_every_image_once(workspace, one_process):
     assert manifest["count"] == NUM_IMAGES
     assert manifest["image_size"] == IMAGE_SIZE
     assert manifest["latent_shape"] == list(LATENT_SHAPE)
-    assert manifest["vae"] == "ema" and manifest["scale_factor"] == LATENT_SCALE
+    assert manifest["vae"] == "ema" and manifest["downsampling"] == TINY_VAE_DOWNSAMPLING
+    assert manifest["latent_norm"] == {"kind": "vae", "scaling_factor": SD_LATENT_SCALE, "shift_factor": None}
+    assert not manifest["normalised_on_read"]
     assert manifest["class_to_idx"] == {"ant": 0, "bee": 1, "cat": 2}
     assert [(s["start"], s["stop"], s["count"]) for s in manifest["shards"]] == \
         [(0, 4, 4), (4, 8, 4), (8, 12, 4), (12, 14, 2)]
@@ -126,7 +129,7 @@ def test_manifest_describes_every_image_once(workspace, one_process):
 
 
 def test_latents_are_seeded_posterior_samples_of_image_and_flip(workspace, one_process):
-    vae = load_vae("ema", workspace["vae"])
+    vae = load_autoencoder("ema", workspace["vae"])
     features, _ = load_all(one_process)
     for index in (0, 5, NUM_IMAGES - 1):
         with Image.open(workspace["samples"][index][0]) as image:
@@ -134,7 +137,7 @@ def test_latents_are_seeded_posterior_samples_of_image_and_flip(workspace, one_p
         x = pixels.permute(2, 0, 1).float()[None] / 127.5 - 1  # (1, 3, S, S)
         posterior = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
         noise = torch.randn((2, *LATENT_SHAPE), generator=item_generator(SEED, index))
-        expected = ((posterior.mean + posterior.std * noise) * LATENT_SCALE).detach().numpy()
+        expected = ((posterior.mean + posterior.std * noise) * SD_LATENT_SCALE).detach().numpy()
         np.testing.assert_allclose(features[index].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
 
 
@@ -191,7 +194,7 @@ def test_vae_none_round_trips_pixels(workspace, tmp_path):
                            "--vae", "none", "--shard-size", str(SHARD_SIZE), "--num-workers", "0"])
     manifest = read_manifest(tmp_path)
     assert manifest["latent_shape"] == [3, IMAGE_SIZE, IMAGE_SIZE]
-    assert manifest["scale_factor"] is None
+    assert manifest["latent_norm"] is None and manifest["vae"] == "none"
     features, _ = load_all(tmp_path)
     assert features.min() >= -1 and features.max() <= 1
     restored = np.round((features.astype(np.float32) + 1) * 127.5).astype(np.uint8)
@@ -248,7 +251,7 @@ def test_missing_vae_and_changed_settings_are_refused(workspace, one_process, tm
 
 def test_resume_refuses_shards_of_other_vae_weights(workspace, one_process, tmp_path):
     """Two VAE folders of the same name (sd-vae-ft-ema), other weights: one clear error."""
-    vae = load_vae("ema", workspace["vae"])
+    vae = load_autoencoder("ema", workspace["vae"])
     assert read_manifest(one_process)["settings"]["vae_weights_sha256"] == state_dict_sha256(vae.state_dict())
     other_vae = save_tiny_vae(str(tmp_path / "other" / "sd-vae-ft-ema"), seed=1)
     before = {name: os.stat(one_process / name).st_mtime_ns for name in os.listdir(one_process)}

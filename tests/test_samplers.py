@@ -19,7 +19,8 @@ import image_generator
 import image_generator_ddp
 from benchmarks import samplers as samplers_benchmark
 from benchmarks.chart import PANEL_SIZE
-from models import create_model, model_config, to_diffusers
+from models import create_model, model_config
+from sampling import to_diffusers
 from models.diffusers_wrapper import DiffusionTransformer
 from sampling.images import GRID_PADDING
 from sampling.labels import read_class_names

@@ -379,7 +379,7 @@ def test_bad_input_fails_with_one_clear_error_before_any_work(files, tmp_path, c
 
 def test_grid_script_rejects_bad_classes_and_comparison_without_amm(files, tmp_path):
     args = ["--ckpt", files["ckpt"], "--vae-path", files["vae"], "--output-dir", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match="outside 0 .. 9"):
+    with pytest.raises(SystemExit, match="unknown class .10.: the model has classes 0 .. 9"):
         image_generator.main([*args, "--class-labels", "3", "10"])
     with pytest.raises(SystemExit, match="--compare-amm needs AMM blocks"):
         image_generator.main([*args, "--class-labels", "3", "--compare-amm", "--no-amm"])

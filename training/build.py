@@ -32,12 +32,6 @@ def build_model(model_config, seed):
         return models.build_model(model_config)
 
 
-def describe_run(args, config):
-    """What every checkpoint records besides the training state."""
-    return {"args": args, "model_config": config.model_config, "vae": config.vae,
-            "image_size": config.image_size}
-
-
 def build_training(args, config, run):
     """(TrainState, diffusion), resumed from run.resume_checkpoint if set."""
     model = build_model(config.model_config, args.global_seed).to(run.device)
@@ -47,7 +41,7 @@ def build_training(args, config, run):
     diffusion = create_diffusion(timestep_respacing="", exact_decoder_nll=args.exact_decoder_nll)
     guard = BadStepGuard(args.max_bad_steps, args.loss_spike_factor, args.loss_spike_window)
     state = TrainState(model, ema, optimizer, create_named_schedule_sampler(args.schedule_sampler, diffusion),
-                       grad_scaler=run.accelerator.scaler, guard=guard, description=describe_run(args, config))
+                       grad_scaler=run.accelerator.scaler, guard=guard, description={"args": args, **config.describe()})
     if run.resume_checkpoint is not None:
         if not state.load(run.resume_checkpoint, run.rank, run.world_size):
             run.logger.warning(f"the checkpoint was written by {run.resume_checkpoint['world_size']} "

@@ -2,15 +2,19 @@
 and the features manifest, checked before any work is done."""
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 import models
-from latents.shards import read_manifest
+from latents.shards import class_names, manifest_latent_norm, read_manifest
 from models.mdt import TRAINING_MASK_RATIO
+from runtime.latent_norm import LatentNorm
+from runtime.vae import PIXELS
 
-VAE_DOWNSAMPLING = 8  # latent side = image side / 8 for the SD VAE
+SD_VAE_DOWNSAMPLING = 8  # of manifests written before the downsampling was recorded (SD VAEs only)
 NUM_EDT_STAGES = 5
+UNCONDITIONAL_LABELS = dict(num_classes=1, class_dropout_prob=0.0)  # one class, no null class to guide with
 MDT_MODEL_PREFIX = "MDTv2"
 
 
@@ -21,13 +25,27 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     model_config: dict  # models.model_config(name, **kwargs): rebuilds the model
-    vae: str  # "ema", "mse" or "none" (pixels)
+    vae: str  # "ema", "mse", another VAE's name, or "none" (pixels)
+    vae_path: Optional[str]  # where the features' VAE was (None for pixels or old manifests)
+    vae_weights_sha256: Optional[str]
+    latent_norm: Optional[LatentNorm]  # None for pixels
     image_size: int
     num_images: int
+    class_names: list  # the ImageFolder's, in class-index order
+    unconditional: bool  # one class, labels ignored, no label dropout
 
     @property
     def model_name(self):
         return self.model_config["name"]
+
+    def describe(self):
+        """What every checkpoint records besides the training state: what the sampling scripts,
+        the demo and the converter need to rebuild the model and decode its latents."""
+        return {"model_config": self.model_config, "vae": self.vae, "vae_path": self.vae_path,
+                "vae_weights_sha256": self.vae_weights_sha256,
+                "latent_norm": None if self.latent_norm is None else self.latent_norm.record(),
+                "image_size": self.image_size, "class_names": self.class_names,
+                "unconditional": self.unconditional}
 
 
 #################################################################################
@@ -51,7 +69,7 @@ def read_features_manifest(features_path):
 
 def check_against_manifest(args, manifest):
     """--image-size, --num-classes and --vae are recorded choices: they must match the data."""
-    num_classes = len(manifest["class_to_idx"])
+    num_classes = 1 if args.unconditional else len(manifest["class_to_idx"])
     checks = (("--image-size", args.image_size, manifest["image_size"]),
               ("--num-classes", args.num_classes, num_classes),
               ("--vae", args.vae, manifest["vae"]))
@@ -62,7 +80,8 @@ def check_against_manifest(args, manifest):
     channels, height, width = manifest["latent_shape"]
     if height != width:
         raise ConfigError(f"latents must be square, the manifest says {height}x{width}")
-    side = manifest["image_size"] // (1 if manifest["vae"] == "none" else VAE_DOWNSAMPLING)
+    downsampling = manifest.get("downsampling", 1 if manifest["vae"] == PIXELS else SD_VAE_DOWNSAMPLING)
+    side = manifest["image_size"] // downsampling
     if side != height:
         raise ConfigError(f"the manifest's latent side {height} does not fit image size "
                           f"{manifest['image_size']} with vae {manifest['vae']!r}")
@@ -104,6 +123,8 @@ def resolve_model_config(args, manifest):
                           f"({', '.join(models.ALL_MODELS)}) or EDT / DiT with size options")
     channels, side, _ = manifest["latent_shape"]
     kwargs = dict(input_size=side, in_channels=channels, num_classes=len(manifest["class_to_idx"]))
+    if args.unconditional:
+        kwargs.update(UNCONDITIONAL_LABELS)
     if args.model in models.CUSTOM_MODELS:
         kwargs.update(custom_model_kwargs(args), patch_size=args.patch_size or 2)
     elif args.patch_size is not None:
@@ -154,5 +175,8 @@ def resolve_run_config(args):
     manifest = read_features_manifest(args.feature_path)
     check_against_manifest(args, manifest)
     model_config = resolve_model_config(args, manifest)
-    return RunConfig(model_config=model_config, vae=manifest["vae"],
-                     image_size=manifest["image_size"], num_images=manifest["count"])
+    return RunConfig(model_config=model_config, vae=manifest["vae"], vae_path=manifest.get("vae_path"),
+                     vae_weights_sha256=manifest["settings"].get("vae_weights_sha256"),
+                     latent_norm=manifest_latent_norm(manifest), image_size=manifest["image_size"],
+                     num_images=manifest["count"], class_names=class_names(manifest),
+                     unconditional=args.unconditional)

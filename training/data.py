@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from latents import LatentDataset
+from runtime.checkpoint import summarise
 
 from .preemption import ignore_preemption_in_worker
 
@@ -78,10 +79,16 @@ class TrainData:
                 step_batches = []
 
 
+def describe_norm(latent_norm):
+    return "pixels" if latent_norm is None else latent_norm.describe()
+
+
 def build_data(args, run):
-    dataset = LatentDataset(args.feature_path, seed=args.global_seed, random_flip=not args.no_flip)
+    dataset = LatentDataset(args.feature_path, seed=args.global_seed, random_flip=not args.no_flip,
+                            unconditional=args.unconditional)
     batches = EpochBatches(len(dataset), args.global_seed, args.global_batch_size,
                            run.mini_batch_size, run.rank, run.world_size)
-    run.logger.info(f"{len(dataset)} latents of shape {dataset.latent_shape}, "
-                    f"{dataset.num_classes} classes, {batches.steps_per_epoch} steps per epoch")
+    classes = "unconditional" if args.unconditional else f"{dataset.num_classes} classes {summarise(dataset.class_names)}"
+    run.logger.info(f"{len(dataset)} latents of shape {dataset.latent_shape} ({dataset.vae} VAE, "
+                    f"{describe_norm(dataset.latent_norm)}), {classes}, {batches.steps_per_epoch} steps per epoch")
     return TrainData(dataset, batches, args.num_workers, run.device)

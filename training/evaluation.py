@@ -54,7 +54,8 @@ def add_evaluation_arguments(parser):
     group.add_argument("--inception-graph", default=None,
                        help="ADM's classify_image_graph_def.pb (default: next to evaluations/evaluator.py, "
                             "then the working directory)")
-    group.add_argument("--vae-path", default=None, help="the VAE that decodes the samples (default ./sd-vae-ft-{vae})")
+    group.add_argument("--vae-path", default=None,
+                       help="the VAE that decodes the samples (default: where the features' VAE was, else ./sd-vae-ft-{vae})")
 
 
 def check_evaluation_flags(parser, args):
@@ -155,7 +156,8 @@ class TrainingEvaluator:
                          "reference": os.path.abspath(args.eval_reference)}
         try:
             self.inception = TorchInception(find_inception_graph(args.inception_graph), run.device)
-            self.vae = None if config.vae == "none" else vae_lib.load_vae(config.vae, args.vae_path, run.device)
+            self.vae = None if config.vae == vae_lib.PIXELS else vae_lib.load_recorded_vae(
+                config.vae, args.vae_path, config.vae_path, run.device, config.latent_norm, config.vae_weights_sha256)
         except (ValueError, vae_lib.VAENotFoundError) as error:
             raise ConfigError(str(error)) from None
         self.latent_shape = sampled_shape(self.vae, config.image_size)
