@@ -35,7 +35,7 @@ def build_model(model_config, seed):
 def describe_run(args, config):
     """What every checkpoint records besides the training state."""
     return {"args": args, "model_config": config.model_config, "vae": config.vae,
-            "image_size": config.image_size}
+            "image_size": config.image_size, "class_names": config.class_names}
 
 
 def build_training(args, config, run):

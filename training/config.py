@@ -24,6 +24,7 @@ class RunConfig:
     vae: str  # "ema", "mse" or "none" (pixels)
     image_size: int
     num_images: int
+    class_names: list  # the features' class names in class-index order (their class_to_idx)
 
     @property
     def model_name(self):
@@ -154,5 +155,7 @@ def resolve_run_config(args):
     manifest = read_features_manifest(args.feature_path)
     check_against_manifest(args, manifest)
     model_config = resolve_model_config(args, manifest)
+    class_to_idx = manifest["class_to_idx"]
     return RunConfig(model_config=model_config, vae=manifest["vae"],
-                     image_size=manifest["image_size"], num_images=manifest["count"])
+                     image_size=manifest["image_size"], num_images=manifest["count"],
+                     class_names=sorted(class_to_idx, key=class_to_idx.get))

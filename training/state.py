@@ -3,7 +3,8 @@
 A checkpoint holds the model, its EMA, the optimizer, the timestep sampler, the gradient scaler
 (fp16), the position (step, epoch, step within the epoch), the random-number states of every
 process, and the run description (args, model_config, vae, image_size) that the sampling
-scripts use to rebuild the model and load `ema`.
+scripts use to rebuild the model and load `ema`, with the class names in index order (which
+--init-from matches by name).
 """
 import copy
 import random
@@ -61,7 +62,7 @@ class TrainState:
     schedule_sampler: object
     grad_scaler: Optional[object] = None  # accelerate's GradScaler under fp16
     guard: Optional[object] = None  # training.guard.BadStepGuard: bad-step counts, loss history
-    description: dict = field(default_factory=dict)  # args, model_config, vae, image_size
+    description: dict = field(default_factory=dict)  # args, model_config, vae, image_size, class_names
     step: int = 0  # optimizer updates done
     epoch: int = 0
     epoch_step: int = 0  # updates done within `epoch`
