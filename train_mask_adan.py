@@ -21,6 +21,9 @@ norm; loss spikes are logged (training/guard.py). --eval-every K --eval-images N
 --eval-reference REF.npz logs the EMA model's FID (and Inception Score) every K steps, from N
 images sampled with the sampling scripts' sampler (--eval-sampler, --eval-sampling-steps,
 --eval-cfg-scale) and scored by ADM's Inception graph in PyTorch (training/evaluation.py).
+--init-from CKPT fine-tunes a released or earlier model on other classes, image size or VAE:
+what fits is loaded, class rows are kept by name (--init-class-names FILE names a released
+checkpoint's classes), the rest starts as in a new model (training/initialise.py).
 """
 import argparse
 
@@ -30,6 +33,7 @@ from training.build import build_training
 from training.config import ConfigError, resolve_run_config
 from training.data import build_data
 from training.evaluation import add_evaluation_arguments, build_evaluator, check_evaluation_flags, check_evaluation_inputs
+from training.initialise import add_init_arguments, check_init_flags, check_init_from
 from training.loop import train
 from training.schedule import default_init_lr
 from training.setup import setup_run
@@ -106,6 +110,7 @@ def parse_args(argv=None):
     run.add_argument("--ckpt-every", type=int, default=50_000)
     run.add_argument("--resume", default=None,
                      help="a checkpoint file, or 'latest' (the newest of this model, if any)")
+    add_init_arguments(parser)
     add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -116,6 +121,7 @@ def parse_args(argv=None):
     if args.loss_spike_factor <= 1:
         raise SystemExit("error: --loss-spike-factor must be above 1")
     check_evaluation_flags(parser, args)
+    check_init_flags(args)
     if args.fused_mask_batch and args.no_mask:
         raise SystemExit("error: --fused-mask-batch fuses the masked pass; it has no use with --no-mask")
     if args.init_lr is None:
@@ -129,10 +135,11 @@ def main(argv=None):
     try:
         config = resolve_run_config(args)
         check_evaluation_inputs(args)
+        check_init_from(args, config)
         run = setup_run(args, config)
+        state, diffusion = build_training(args, config, run)
     except ConfigError as error:
         raise SystemExit(f"error: {error}")
-    state, diffusion = build_training(args, config, run)
     data = build_data(args, run)
     try:
         evaluator = build_evaluator(args, run, config, resumed_step=state.step)
