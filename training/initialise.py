@@ -202,7 +202,8 @@ def carry_class_rows(table, theirs, num_classes, their_classes, class_names, che
             table[num_classes] = their_row
         null_row = ", null row carried" if their_row is not None else ", null row new (the checkpoint has none)"
     if class_names is None or checkpoint_class_names is None:
-        unnamed = "the checkpoint names no classes; see --init-class-names" if class_names else "this run names no classes"
+        unnamed = ("the checkpoint names no classes; see --init-class-names" if class_names
+                   else "this run names no classes")
         return f"no class row kept ({unnamed}), {num_classes} new{null_row}"
     kept, new = keep_rows_by_name(table, theirs, class_names, checkpoint_class_names)
     return (f"{len(kept)} of {num_classes} classes kept by name{in_parentheses(kept)}, "
