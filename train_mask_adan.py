@@ -23,6 +23,9 @@ images sampled with the sampling scripts' sampler (--eval-sampler, --eval-sampli
 --eval-cfg-scale) and scored by ADM's Inception graph in PyTorch (training/evaluation.py).
 --unconditional ignores the labels. Checkpoints record the features' VAE, latent normalisation
 and class names, which the sampling scripts, the demo and the diffusers converter read.
+--init-from CKPT fine-tunes a released or earlier model on other classes, image size or VAE:
+what fits is loaded, class rows are kept by name (--init-class-names FILE names a released
+checkpoint's classes), the rest starts as in a new model (training/initialise.py).
 """
 import argparse
 
@@ -32,6 +35,7 @@ from training.build import build_training
 from training.config import ConfigError, resolve_run_config
 from training.data import build_data
 from training.evaluation import add_evaluation_arguments, build_evaluator, check_evaluation_flags, check_evaluation_inputs
+from training.initialise import add_init_arguments, check_init_flags, check_init_from
 from training.loop import train
 from training.schedule import default_init_lr
 from training.setup import setup_run
@@ -110,6 +114,7 @@ def parse_args(argv=None):
     run.add_argument("--ckpt-every", type=int, default=50_000)
     run.add_argument("--resume", default=None,
                      help="a checkpoint file, or 'latest' (the newest of this model, if any)")
+    add_init_arguments(parser)
     add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -123,6 +128,7 @@ def parse_args(argv=None):
     if args.unconditional and (args.num_classes is not None or args.eval_cfg_scale != 1.0):
         raise SystemExit("error: an --unconditional model has one class and no guidance: "
                          "drop --num-classes and --eval-cfg-scale")
+    check_init_flags(args)
     if args.fused_mask_batch and args.no_mask:
         raise SystemExit("error: --fused-mask-batch fuses the masked pass; it has no use with --no-mask")
     if args.init_lr is None:
@@ -136,10 +142,11 @@ def main(argv=None):
     try:
         config = resolve_run_config(args)
         check_evaluation_inputs(args)
+        check_init_from(args, config)
         run = setup_run(args, config)
+        state, diffusion = build_training(args, config, run)
     except ConfigError as error:
         raise SystemExit(f"error: {error}")
-    state, diffusion = build_training(args, config, run)
     data = build_data(args, run)
     try:
         evaluator = build_evaluator(args, run, config, resumed_step=state.step)

@@ -11,6 +11,7 @@ from diffusion import create_diffusion, create_named_schedule_sampler
 from runtime.ema import create_ema
 
 from .guard import BadStepGuard
+from .initialise import initialise_model
 from .state import TrainState
 
 # Adan as in sail-sg/Adan and the EDT release: no weight decay, no gradient clipping.
@@ -33,8 +34,10 @@ def build_model(model_config, seed):
 
 
 def build_training(args, config, run):
-    """(TrainState, diffusion), resumed from run.resume_checkpoint if set."""
+    """(TrainState, diffusion), resumed from run.resume_checkpoint if set, else initialised
+    from --init-from if given; ConfigError for an --init-from checkpoint that does not fit."""
     model = build_model(config.model_config, args.global_seed).to(run.device)
+    initialise_model(args, config, run, model)  # --init-from, before the EMA copies the model
     ema = create_ema(model)
     optimizer = Adan(model.parameters(), lr=args.init_lr, betas=ADAN_BETAS, eps=ADAN_EPS,
                      weight_decay=0.0)
