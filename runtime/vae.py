@@ -146,8 +146,12 @@ def load_recorded_vae(name, path, recorded_path, device, norm=None, weights_sha2
     """The VAE a model was trained on: from `path`, else where the features' VAE was if it is
     still there, else the default for `name`. norm None: the VAE config's (released checkpoints);
     VAEMismatchError when its weights (sha256) or its statistics differ from the recorded ones."""
-    if not path and recorded_path and os.path.isdir(recorded_path):
-        path = recorded_path
+    if not path and recorded_path:
+        if os.path.isdir(recorded_path):
+            path = recorded_path
+        elif name not in VAE_NAMES:
+            raise VAENotFoundError(f"the VAE {name!r} the model was trained on was at {recorded_path}, "
+                                   f"which is gone: give its folder with --vae-path")
     vae = load_vae(name, path, device, norm)
     vae.check_matches(weights_sha256, vae.norm)
     return vae

@@ -23,6 +23,7 @@ from latents.extract import posterior_noise
 from latents.shards import open_shard, read_manifest
 from models import create_model
 from runtime.checkpoint import read_checkpoint, save_checkpoint
+from runtime.vae import VAENotFoundError, load_recorded_vae
 from sampling import to_diffusers
 from sampling.images import GRID_PADDING
 from sampling.loading import load_sampling_model
@@ -151,18 +152,24 @@ def test_sampling_undoes_the_normalisation_before_decoding(own):
     assert loaded.class_names == list(CLASSES)
 
 
-def test_grid_by_class_name_equals_the_pipeline_and_the_demo_lists_the_names(own, tmp_path):
-    image_generator.main(["--ckpt", own["ckpt"], "--class-labels", "fox", "cat", "--samples-per-class", "1",
-                          "--cfg-scale", "2", *STEPS, "--batch-size", "2", "--output-dir", str(tmp_path / "grid")])
-    (grid,) = (tmp_path / "grid").glob("*.png")
-    assert "rows: 2 (fox), 0 (cat)" in (tmp_path / "grid" / "log.txt").read_text()
-    to_diffusers.main(["--ckpt", own["ckpt"], "--sampler", "ddim", "--out", str(tmp_path / "pipeline")])
-    pipe = EDTPipeline.from_pretrained(tmp_path / "pipeline")
+def assert_grid_by_class_name_equals_the_pipeline(ckpt, folder):
+    """image_generator.py by class name, and the converted pipeline by the same names, give the
+    same images (both decode through the VAE with the checkpoint's normalisation)."""
+    image_generator.main(["--ckpt", ckpt, "--class-labels", "fox", "cat", "--samples-per-class", "1",
+                          "--cfg-scale", "2", *STEPS, "--batch-size", "2", "--output-dir", str(folder / "grid")])
+    (grid,) = (folder / "grid").glob("*.png")
+    assert "rows: 2 (fox), 0 (cat)" in (folder / "grid" / "log.txt").read_text()
+    to_diffusers.main(["--ckpt", ckpt, "--sampler", "ddim", "--out", str(folder / "pipeline")])
+    pipe = EDTPipeline.from_pretrained(folder / "pipeline")
     assert pipe.labels == {"cat": 0, "dog": 1, "fox": 2}
-    assert pipe.config.latent_norm == read_checkpoint(own["ckpt"])["latent_norm"]
+    assert pipe.config.latent_norm == read_checkpoint(ckpt)["latent_norm"]
     images = pipe(class_labels=pipe.get_label_ids(["fox", "cat"]), guidance_scale=2, num_inference_steps=2,
                   generator=image_generators(0, range(2)), output_type="np").images
     assert np.array_equal(images, grid_cells(grid, 2))
+
+
+def test_grid_by_class_name_equals_the_pipeline_and_the_demo_lists_the_names(own, tmp_path):
+    assert_grid_by_class_name_equals_the_pipeline(own["ckpt"], tmp_path)
     assert CheckpointCache().get(own["ckpt"]).class_names == list(CLASSES)
 
 
@@ -179,6 +186,8 @@ def test_a_vae_with_other_weights_or_statistics_is_refused(own, tmp_path):
         with pytest.raises(SystemExit) as raised:
             image_generator.main([*grid, "--vae-path", str(vae)])
         one_line_error(raised, message)
+    with pytest.raises(VAENotFoundError, match="'vae16' the model was trained on was at .*gone, which is gone"):
+        load_recorded_vae("vae16", None, str(tmp_path / "gone"), "cpu")
     with pytest.raises(SystemExit) as raised:
         image_generator.main([*grid, "--class-labels", "wolf"])
     one_line_error(raised, "unknown class 'wolf': the model has classes ['cat', 'dog', 'fox']")
@@ -211,6 +220,7 @@ def test_channel_normalisation_is_measured_applied_in_training_and_undone_in_sam
     latent_mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     latent_std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     torch.testing.assert_close(loaded.vae.decode(x), loaded.vae.autoencoder.decode(x * latent_std + latent_mean).sample)
+    assert_grid_by_class_name_equals_the_pipeline(ckpt, tmp_path)
 
 
 #################################################################################
