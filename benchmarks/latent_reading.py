@@ -26,8 +26,9 @@ def write_synthetic_features(features_path, num_items, shard_size):
         labels = rng.integers(0, IMAGENET_CLASSES, spec.size)
         write_shard(features_path, spec, features, labels, [], settings)
     write_manifest(features_path, specs, {
-        "image_size": 256, "latent_shape": list(IMAGENET_LATENT_SHAPE), "vae": "ema",
-        "scale_factor": 0.18215, "class_to_idx": {str(c): c for c in range(IMAGENET_CLASSES)},
+        "image_size": 256, "latent_shape": list(IMAGENET_LATENT_SHAPE), "vae": "ema", "downsampling": 8,
+        "latent_norm": {"kind": "vae", "scaling_factor": 0.18215, "shift_factor": None}, "normalised_on_read": False,
+        "class_to_idx": {str(c): c for c in range(IMAGENET_CLASSES)},
         "settings": settings})
 
 

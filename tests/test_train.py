@@ -32,7 +32,8 @@ TINY_EDT = ["--model", "EDT", "--dims", *["32"] * 5, "--num-heads", *["2"] * 5,
 
 
 def write_features(path, latent_shape=(4, 8, 8), image_size=64, vae="ema", count=NUM_LATENTS):
-    """A features folder as extract_features.py writes it, with random latents."""
+    """A features folder with random latents, its manifest in the layout extract_features.py wrote
+    before it recorded the latent normalisation (a `scale_factor`), which must still train."""
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((count, 1, *latent_shape)).astype(np.float16)
     features = np.concatenate([latents, latents[..., ::-1]], axis=1)  # (N, 2, C, h, w)
