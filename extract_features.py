@@ -68,6 +68,9 @@ def load_vae_and_images(args, device):
         source = load_image_source(args.data_path)
     except (VAENotFoundError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
+    if vae is not None and args.latent_norm == "vae" and vae.has_channel_statistics:
+        raise SystemExit(f"error: the VAE at {args.vae_path} normalises its latents per channel "
+                         f"(latents_mean / latents_std in its config): use --latent-norm channel")
     if vae is not None and args.image_size % vae.downsampling:
         raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the VAE's "
                          f"downsampling factor {vae.downsampling}")

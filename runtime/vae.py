@@ -98,6 +98,13 @@ class LatentVAE:
         # Every encoder block but the last halves the resolution.
         return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
 
+    @property
+    def has_channel_statistics(self):
+        """Whether its config normalises latents per channel (latents_mean / latents_std, as some
+        SDXL-family VAEs), which the "vae" LatentNorm, scaling and shift only, would leave out."""
+        config = self.autoencoder.config
+        return getattr(config, "latents_mean", None) is not None or getattr(config, "latents_std", None) is not None
+
     @functools.cached_property
     def weights_sha256(self):
         return state_dict_sha256(self.autoencoder.state_dict())

@@ -200,6 +200,10 @@ def test_a_vae_with_other_weights_or_statistics_is_refused(own, tmp_path):
 
 def test_channel_normalisation_is_measured_applied_in_training_and_undone_in_sampling(own, tmp_path):
     vae = save_vae(tmp_path / "vae4")
+    per_channel = save_vae(tmp_path / "per-channel", latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    with pytest.raises(SystemExit) as raised:
+        extract(own["images"], tmp_path / "refused", per_channel)
+    one_line_error(raised, "(latents_mean / latents_std in its config): use --latent-norm channel")
     features = extract(own["images"], tmp_path / "features4", vae, "--latent-norm", "channel")
     manifest = read_manifest(features)
     raw = stored(features)  # (N, 2, 4, 16, 16): the latents are stored raw
