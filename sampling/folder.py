@@ -21,9 +21,10 @@ class SampleFolderMismatchError(ValueError):
 
 
 def folder_record(loaded, ckpt, ckpt_key):
-    """What the manifest records of a SamplingModel; only the digest is compared."""
+    """What the manifest records of a SamplingModel (with the class names, which arr_1's labels
+    index); only the digest is compared."""
     return {"weights_sha256": loaded.weights_sha256, "checkpoint": os.path.abspath(ckpt),
-            "ckpt_key": ckpt_key, "model": loaded.model_name}
+            "ckpt_key": ckpt_key, "model": loaded.model_name, "class_names": loaded.class_names}
 
 
 def has_samples(folder):

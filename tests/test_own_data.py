@@ -234,7 +234,7 @@ def test_channel_normalisation_is_measured_applied_in_training_and_undone_in_sam
 def test_an_unconditional_model_trains_and_samples_without_labels_or_guidance(own, tmp_path):
     ckpt, log = train(own["features"], tmp_path / "results", "--unconditional")
     checkpoint = read_checkpoint(ckpt)
-    assert checkpoint["unconditional"] and "unconditional" in log
+    assert checkpoint["unconditional"] and checkpoint["class_names"] is None and "unconditional" in log
     assert tuple(checkpoint["ema"]["y_embedder.embedding_table.weight"].shape) == (1, 32)  # no null row
 
     image_generator.main(["--ckpt", ckpt, *STEPS, "--output-dir", str(tmp_path / "grid")])
@@ -243,6 +243,7 @@ def test_an_unconditional_model_trains_and_samples_without_labels_or_guidance(ow
     image_generator_ddp.main(["--ckpt", ckpt, *STEPS, "--num-images", "3", "--output-dir", str(tmp_path / "samples")])
     (npz,) = (tmp_path / "samples").glob("*/samples_3x32x32x3.npz")
     assert np.load(npz)["arr_1"].tolist() == [0, 0, 0]
+    assert json.loads((npz.parent / "manifest.json").read_text())["class_names"] is None
     for options, message in ((["--cfg-scale", "4"], "is unconditional (trained without labels)"),
                              (["--class-labels", "cat"], "is unconditional: it takes no --class-labels")):
         with pytest.raises(SystemExit) as raised:

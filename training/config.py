@@ -44,7 +44,9 @@ class RunConfig:
         return {"model_config": self.model_config, "vae": self.vae, "vae_path": self.vae_path,
                 "vae_weights_sha256": self.vae_weights_sha256,
                 "latent_norm": None if self.latent_norm is None else self.latent_norm.record(),
-                "image_size": self.image_size, "class_names": self.class_names,
+                "image_size": self.image_size,
+                # an unconditional model's one class is none of the folders'
+                "class_names": None if self.unconditional else self.class_names,
                 "unconditional": self.unconditional}
 
 
