@@ -32,6 +32,7 @@ import time
 
 import torch
 from timm.optim import Adan
+from torch.profiler import record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,6 +53,8 @@ NUM_CLASSES = 1000
 LEARNING_RATE = 1e-4
 EMA_DECAY = 0.9999
 MEASUREMENTS = ("train_masked", "train_plain", "inference", "inference_cfg", "sampling")
+# Profiler ranges around a training step's phases (benchmarks/gpu_profile.py reads them).
+STEP_PHASE_PREFIX = "step: "
 REPORTED_SETTINGS = ("batch_size", "latent_size", "device", "mixed_precision", "compile", "threads", "load_average")
 
 
@@ -205,12 +208,15 @@ def training_step_fn(variant, masked, x, y, args, device):
         return micro_batch_losses(network, diffusion, schedule_sampler, x, y, mask_flag)
 
     def step():
-        with autocast(device, args.mixed_precision):
+        with record_function(STEP_PHASE_PREFIX + "forward"), autocast(device, args.mixed_precision):
             full, masked_loss = losses()
-        (full + masked_loss).backward()
-        variant.optimizer.step()
-        variant.optimizer.zero_grad(set_to_none=True)
-        variant.update_ema(variant.ema, variant.model, EMA_DECAY)
+        with record_function(STEP_PHASE_PREFIX + "backward"):
+            (full + masked_loss).backward()
+        with record_function(STEP_PHASE_PREFIX + "optimizer"):
+            variant.optimizer.step()
+            variant.optimizer.zero_grad(set_to_none=True)
+        with record_function(STEP_PHASE_PREFIX + "EMA"):
+            variant.update_ema(variant.ema, variant.model, EMA_DECAY)
     return step
 
 

@@ -1,10 +1,11 @@
 """The speed benchmark's fast paths compute what the plain paths compute, and the script runs."""
+import gzip
 import json
 
 import pytest
 import torch
 
-from benchmarks import attention_kernels, gpu_protocol, speed
+from benchmarks import attention_kernels, gpu_profile, gpu_protocol, speed
 from benchmarks.plain_dit import plain_dit_like
 from diffusion import create_diffusion, create_named_schedule_sampler
 from models import create_model
@@ -178,6 +179,31 @@ def test_gpu_protocol_tiny_on_cpu_writes_the_table_with_ratios_and_checks(tmp_pa
 def test_gpu_protocol_refuses_a_folder_without_the_release_model(tmp_path):
     with pytest.raises(SystemExit, match="has no models_edt.py"):
         gpu_protocol.parse_args(["--out", str(tmp_path), "--release-code", str(tmp_path)])
+
+
+def test_gpu_profile_tiny_on_cpu_splits_each_case_by_category_and_part(tmp_path):
+    out = tmp_path / "profile"
+    result = gpu_profile.main(["--out", str(out), "--tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1",
+                               "--steps", "1"])
+    rows = {row["case"]: row for row in result["rows"]}
+    assert set(rows) == {f"{model} {name}" for model in ("EDT-S/2", "MDTv2-S/2")
+                         for name in ("inference", "masked training step")}
+    for row in rows.values():
+        assert row["wall_ms"] > 0 and row["launches"] > 0
+        assert sum(row["category_ms"].values()) == pytest.approx(row["kernel_ms"])
+        assert sum(row["part_ms"].values()) == pytest.approx(row["kernel_ms"])
+        assert row["category_ms"]["matmul"] > 0 and row["category_ms"]["attention"] > 0
+    edt_inference, edt_step = rows["EDT-S/2 inference"], rows["EDT-S/2 masked training step"]
+    assert {"forward: blocks, stage 0", "forward: blocks, stage 3 (AMM)", "forward: down_blocks"} <= set(
+        edt_inference["part_ms"])
+    assert {"backward", "optimizer", "EMA", "forward: blocks, stage 0"} <= set(edt_step["part_ms"])
+    assert "(AMM)" not in " ".join(edt_step["part_ms"])  # training runs without the AMM
+    assert edt_step["category_ms"]["optimizer"] > 0
+    stem = "EDT_S_2_masked_training_step"
+    with gzip.open(out / "traces" / f"{stem}.json.gz") as trace:
+        assert json.load(trace)["traceEvents"]
+    assert "aten::" in (out / "tables" / f"{stem}.txt").read_text()
+    assert "| EDT-S/2 masked training step |" in (out / "profile.md").read_text()
 
 
 def test_attention_kernel_benchmark_checks_every_candidate_and_marks_the_choice(tmp_path):
