@@ -20,7 +20,6 @@ import collections
 import contextlib
 import dataclasses
 import gzip
-import json
 import os
 import re
 import shutil
@@ -257,13 +256,6 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result, out):
-    with atomic_path(os.path.join(out, "profile.json")) as path, open(path, "w") as file:
-        json.dump(result, file, indent=2)
-    with atomic_path(os.path.join(out, "profile.md")) as path, open(path, "w") as file:
-        file.write(markdown(result))
-
-
 #################################################################################
 #                                     Main                                      #
 #################################################################################
@@ -271,30 +263,20 @@ def write_outputs(result, out):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for profile.md, profile.json, tables/ and traces/")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="the protocol's small stand-in models (a check, e.g. on CPU)")
+    gpu_protocol.add_device_arguments(parser)
     parser.add_argument("--precision", choices=gpu_protocol.PRECISIONS, default="bf16")
     parser.add_argument("--sizes", nargs="+", choices=gpu_protocol.SIZES, default=["S", "XL"],
                         help="sizes of the masked training step (inference: S)")
     parser.add_argument("--measurements", nargs="+", choices=tuple(gpu_protocol.MEASUREMENT_NAMES),
                         default=list(gpu_protocol.MEASUREMENT_NAMES))
     parser.add_argument("--compile", action="store_true", help="compile the models' blocks")
-    parser.add_argument("--inference-batch", type=int, default=None, help="default 256 (tiny: 8)")
-    parser.add_argument("--training-batch", type=int, default=None, help="default 32 (tiny: 4)")
-    parser.add_argument("--latent-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations without the profiler")
     parser.add_argument("--steps", type=int, default=3, help="profiled iterations")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+    gpu_protocol.check_device_arguments(args)
     for name in ("repeats", "steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be at least 1")
-    args.inference_batch = args.inference_batch or (8 if args.tiny else 256)
-    args.training_batch = args.training_batch or (4 if args.tiny else 32)
-    args.input_size = gpu_protocol.TINY_LATENT if args.tiny else args.latent_size
     return args
 
 
@@ -303,15 +285,14 @@ def main(argv=None):
     device = torch.device(args.device)
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    result = {"settings": {**vars(args), "device_name": gpu_protocol.device_name(device), "torch": torch.__version__},
-              "rows": []}
+    result = {"settings": gpu_protocol.settings_record(args, device), "rows": []}
     for case in cases(args):
         row = profile_case(case, args, device)
         result["rows"].append(row)
         print(f"{row['case']}: wall {row['wall_ms']:.2f} ms, kernels {row['kernel_ms']:.2f} ms "
               f"({row['busy_fraction']:.0%} busy), {row['launches']:.0f} launches", flush=True)
     result["seconds"] = time.perf_counter() - started
-    write_outputs(result, args.out)
+    gpu_protocol.write_report(result, markdown(result), args.out, "profile")
     print(markdown(result))
     print(f"profile: {result['seconds']:.0f} s; written to {args.out}/profile.md, profile.json, tables/, traces/")
     return result

@@ -329,46 +329,56 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result, out):
+def write_report(result, text, out, stem):
+    """OUT/<stem>.json (the result) and OUT/<stem>.md (its table), each written whole or not at all."""
     os.makedirs(out, exist_ok=True)
-    with atomic_path(os.path.join(out, "protocol.json")) as path, open(path, "w") as file:
+    with atomic_path(os.path.join(out, f"{stem}.json")) as path, open(path, "w") as file:
         json.dump(result, file, indent=2)
-    with atomic_path(os.path.join(out, "protocol.md")) as path, open(path, "w") as file:
-        file.write(markdown(result))
+    with atomic_path(os.path.join(out, f"{stem}.md")) as path, open(path, "w") as file:
+        file.write(text)
 
 
 #################################################################################
 #                                    Main                                       #
 #################################################################################
 
+def add_device_arguments(parser):
+    """The device, the --tiny check and the batches, shared with benchmarks/gpu_profile.py."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="small stand-in models and batches (a check, e.g. on CPU)")
+    parser.add_argument("--inference-batch", type=int, default=None, help="default 256 (tiny: 8)")
+    parser.add_argument("--training-batch", type=int, default=None, help="default 32 (tiny: 4)")
+    parser.add_argument("--latent-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def check_device_arguments(args):
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    args.inference_batch = args.inference_batch or (8 if args.tiny else 256)
+    args.training_batch = args.training_batch or (4 if args.tiny else 32)
+    args.input_size = TINY_LATENT if args.tiny else args.latent_size
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for protocol.md and protocol.json")
     parser.add_argument("--release-code", default=None, help="a checkout of the EDT release (its models_edt.py)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="small stand-in models and batches (a check, e.g. on CPU)")
+    add_device_arguments(parser)
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
     parser.add_argument("--measurements", nargs="+", choices=tuple(MEASUREMENT_NAMES), default=list(MEASUREMENT_NAMES))
     parser.add_argument("--compile", action="store_true", help="compile our models' blocks (not the release's)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also our models' inference replayed from CUDA graphs (CUDA only)")
-    parser.add_argument("--inference-batch", type=int, default=None, help="default 256 (tiny: 8)")
-    parser.add_argument("--training-batch", type=int, default=None, help="default 32 (tiny: 4)")
-    parser.add_argument("--latent-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+    check_device_arguments(args)
     if args.cuda_graphs and not args.device.startswith("cuda"):
         raise SystemExit("error: --cuda-graphs needs --device cuda")
     if args.release_code and not os.path.isfile(os.path.join(args.release_code, "models_edt.py")):
         raise SystemExit(f"error: --release-code {args.release_code} has no models_edt.py (a checkout of the EDT release)")
-    args.inference_batch = args.inference_batch or (8 if args.tiny else 256)
-    args.training_batch = args.training_batch or (4 if args.tiny else 32)
-    args.input_size = TINY_LATENT if args.tiny else args.latent_size
     return args
 
 
@@ -376,9 +386,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    result = {"settings": {**vars(args), "device_name": device_name(device), "torch": torch.__version__,
-                           "machine": platform.machine()},
-              "matmul_tflops": matmul_tflops(device), "rows": []}
+    result = {"settings": settings_record(args, device), "matmul_tflops": matmul_tflops(device), "rows": []}
     result["checks"] = correctness_checks(args, device)
     for comparison in comparisons(args):
         for precision in args.precisions:
@@ -387,7 +395,7 @@ def main(argv=None):
             print(markdown_row_line(result["rows"][-1]), flush=True)
         release_memory(device)
     result["seconds"] = time.perf_counter() - started
-    write_outputs(result, args.out)
+    write_report(result, markdown(result), args.out, "protocol")
     print(markdown(result))
     print(f"protocol: {result['seconds']:.0f} s; written to {args.out}/protocol.md and protocol.json")
     return result
@@ -396,6 +404,11 @@ def main(argv=None):
 def markdown_row_line(row):
     return (f"{measurement_name(row)}, {row['precision']}: {row['ours']} {row['ours_ms']:.2f} ms, "
             f"{row['other']} {row['other_ms']:.2f} ms, ratio {row['ratio']:.2f}x")
+
+
+def settings_record(args, device):
+    """The run's arguments with the device, torch and machine it ran on."""
+    return {**vars(args), "device_name": device_name(device), "torch": torch.__version__, "machine": platform.machine()}
 
 
 def device_name(device):
