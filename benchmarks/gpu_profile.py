@@ -218,7 +218,7 @@ def ms_per_iteration(micros_by_key, steps):
 
 def write_raw(case, profiler, device, out):
     """torch's operator table and the gzipped Chrome trace of the profiled iterations."""
-    sort_by = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     os.makedirs(os.path.join(out, "tables"), exist_ok=True)
     os.makedirs(os.path.join(out, "traces"), exist_ok=True)
     with atomic_path(os.path.join(out, "tables", case.file_stem + ".txt")) as path, open(path, "w") as file:
