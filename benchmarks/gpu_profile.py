@@ -19,10 +19,8 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import gzip
 import os
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -224,11 +222,7 @@ def write_raw(case, profiler, device, out):
     with atomic_path(os.path.join(out, "tables", case.file_stem + ".txt")) as path, open(path, "w") as file:
         file.write(profiler.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=90))
     with atomic_path(os.path.join(out, "traces", case.file_stem + ".json.gz")) as path:
-        plain = path + ".json"
-        profiler.export_chrome_trace(plain)
-        with open(plain, "rb") as source, gzip.open(path, "wb") as target:
-            shutil.copyfileobj(source, target)
-        os.remove(plain)
+        profiler.export_chrome_trace(path)  # gzipped for the .gz suffix, which the temporary name keeps
 
 
 #################################################################################
@@ -284,7 +278,6 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
     result = {"settings": gpu_protocol.settings_record(args, device), "rows": []}
     for case in cases(args):
         row = profile_case(case, args, device)
