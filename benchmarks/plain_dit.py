@@ -51,7 +51,7 @@ class PlainDiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:
             x = block(x, c)
-        x = self.final_layer(x, c)  # (N, T, p * p * out_channels)
+        x = self.final_layer(x, self.final_layer.adaLN_modulation(c))  # (N, T, p * p * out_channels)
         return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .attention_kernels import (AMM_LSE, EXPLICIT, SDPA, KernelChoice, amm_attention, choose_attention_kernel,
                                 compute_dtype, explicit_attention, pad_heads, sdpa_attention)
 from .fast_paths import FastPathSwitch
-from .kept_tensor import KeptTensor
+from .kept_tensor import KeptTensor, as_autocast_casts, inference_autocast_dtype
 from .onednn import PackedLinear
 
 MIN_AMM_GRID = 3  # the radius token (row 2, column n - 1) must exist
@@ -96,14 +96,17 @@ class RelativePositionBias(nn.Module):
         # Gathered from the transposed table, the bias comes out contiguous, as SDPA's fused CPU kernel wants its mask.
         return self.relative_position_bias_table.T[:, self.relative_position_index].unsqueeze(0)  # (1, heads, T, T)
 
-    def forward(self, token_ids=None):
+    def forward(self, token_ids=None, dtype=None):
         """token_ids: optional (B, L) indices of the tokens present (MDT's masked training);
-        then the bias between those tokens, (B, heads, L, L)."""
+        then the bias between those tokens, (B, heads, L, L). dtype: the kept bias's, for a
+        kernel that would cast it at every call (None: the table's)."""
         if token_ids is not None:
             return gather_token_pairs(self.gather(), token_ids)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.gather()
-        return self.kept_bias.get(self.relative_position_bias_table, self.gather)
+        def derive():
+            return self.gather() if dtype is None else self.gather().to(dtype)
+        return self.kept_bias.get(self.relative_position_bias_table, derive, context=dtype)
 
 
 def gather_token_pairs(matrix, token_ids):
@@ -186,7 +189,9 @@ class Attention(nn.Module, FastPathSwitch):
         width = choice.head_width
         qkv = self.project_qkv(x, width).view(B, T, 3, self.num_heads, width)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, width)
-        bias = self.rel_pos_bias(token_ids) if self.rel_pos_bias is not None else None  # (1 or B, heads, T, T)
+        bias = None
+        if self.rel_pos_bias is not None:  # (1 or B, heads, T, T)
+            bias = self.rel_pos_bias(token_ids, dtype=q.dtype if choice.kernel == SDPA else None)
         if choice.kernel == SDPA:
             x = sdpa_attention(q, k, v, bias, self.scale)
         elif choice.kernel == AMM_LSE:
@@ -213,12 +218,14 @@ class Attention(nn.Module, FastPathSwitch):
 
     def padded(self, name, parameter, axis, width):
         """The parameter with zero-padded heads: derived anew under autograd (its gradient flows
-        to the parameter) and under torch.compile, else kept until the parameter changes."""
+        to the parameter) and under torch.compile, else kept until the parameter changes, in
+        autocast's dtype under autocast."""
         def derive():
             return pad_heads(parameter, axis, self.head_dim, width)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return derive()
+        dtype = inference_autocast_dtype(parameter.device.type)
         key = (name, width)
         if key not in self.padded_weights:
             self.padded_weights[key] = KeptTensor()
-        return self.padded_weights[key].get(parameter, derive)
+        return self.padded_weights[key].get(parameter, lambda: as_autocast_casts((derive(),), dtype)[0], context=dtype)

@@ -1,10 +1,14 @@
 """Transformer building blocks shared by EDT and DiT: adaLN-Zero block, final layer, guidance."""
+import functools
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import DEFAULT_AMM_VARIANT, Attention, check_amm_variant
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_buffer
 from .fast_paths import FastPathSwitch
+from .kept_tensor import KeptTensor, as_autocast_casts, inference_autocast_dtype
 from .onednn import PackedLinear
 
 LAYER_NORM_EPS = 1e-6
@@ -19,10 +23,15 @@ def modulate(x, shift, scale, fused=True):
 
 
 def gated_residual(x, gate, branch, fused=True):
-    """x + gate * branch, fused: one multiply-add instead of two passes; x, branch: (N, T, C); gate: (N, C)."""
-    if fused:
+    """x + gate * branch, fused: one multiply-add instead of two passes; x, branch: (N, T, C); gate: (N, C).
+    The multiply-add reads a lower-precision branch as it is: CUDA's autocast would first cast it
+    to x's float32 in a pass of its own, to the same values."""
+    if not fused:
+        return x + gate.unsqueeze(1) * branch
+    if not torch.is_autocast_enabled(x.device.type):
         return torch.addcmul(x, gate.unsqueeze(1), branch)
-    return x + gate.unsqueeze(1) * branch
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.addcmul(x, gate.unsqueeze(1), branch)
 
 
 def adaptive_modulation(cond_dim, out_dim):
@@ -58,7 +67,8 @@ class Mlp(nn.Module):
 
 
 class AdaLNBlock(nn.Module, FastPathSwitch):
-    """A transformer block with adaLN-Zero conditioning (DiT), over a grid_size x grid_size grid."""
+    """A transformer block with adaLN-Zero conditioning (DiT), over a grid_size x grid_size grid.
+    Its forward takes its modulation, `adaLN_modulation(c)`, from the model's `modulations`."""
 
     def __init__(self, dim, num_heads, grid_size, cond_dim, mlp_ratio=4.0, **attention_kwargs):
         super().__init__()
@@ -68,9 +78,9 @@ class AdaLNBlock(nn.Module, FastPathSwitch):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = adaptive_modulation(cond_dim, 6 * dim)
 
-    def forward(self, x, c, token_ids=None):
-        """token_ids: see Attention.forward."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    def forward(self, x, modulation, token_ids=None):
+        """modulation: (N, 6C); token_ids: see Attention.forward."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
         attended = self.attn(modulate(self.norm1(x), shift_msa, scale_msa, self.fast), token_ids)
         x = gated_residual(x, gate_msa, attended, self.fast)
         return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, self.fast)),
@@ -81,11 +91,12 @@ class FinalLayer(nn.Module, FastPathSwitch):
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear = PackedLinear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = adaptive_modulation(hidden_size, 2 * hidden_size)
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x, modulation):
+        """modulation: (N, 2C), `adaLN_modulation(c)`."""
+        shift, scale = modulation.chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale, self.fast))  # (N, T, p * p * out)
 
 
@@ -115,10 +126,10 @@ def resolve_amm_blocks(model_name, amm_blocks, presets):
     return presets[amm_blocks]
 
 
-class GuidedDiffusionModel(nn.Module):
+class GuidedDiffusionModel(nn.Module, FastPathSwitch):
     """What EDT, DiT and MDTv2 share as class-conditional diffusion transformers with
     `x_embedder`, `t_embedder`, `y_embedder`, AdaLNBlock `blocks` and a `final_layer`: weight
-    initialisation, classifier-free guidance and AMM control."""
+    initialisation, the adaLN modulations, classifier-free guidance and AMM control."""
 
     # The forward's keyword that turns on masked training (None: the model has none).
     masked_training_flag = None
@@ -127,6 +138,10 @@ class GuidedDiffusionModel(nn.Module):
     # Whether the forward takes `mask_start`, masking only part of the batch, so that a training
     # step can run its full-token and masked passes as one batch.
     fuses_masked_batch = False
+
+    def __init__(self):
+        super().__init__()
+        self.kept_modulation_weights = {}  # ids of the modulation Linears -> KeptTensor
 
     def build_embedders(self, input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob,
                         learn_sigma, learnable_pos_embed=False):
@@ -155,6 +170,41 @@ class GuidedDiffusionModel(nn.Module):
             zero_module_output(block.adaLN_modulation[-1])
         zero_module_output(self.final_layer.adaLN_modulation[-1])
         zero_module_output(self.final_layer.linear)
+
+    @functools.cached_property
+    def modulated_modules(self):
+        """The modules with an adaLN modulation, in registration order."""
+        return [module for module in self.modules() if hasattr(module, "adaLN_modulation")]
+
+    def modulations(self, c, modules):
+        """{module: module.adaLN_modulation(c) (N, k C)} for each of `modules`, the ones this forward
+        runs. On the fast path one SiLU and one matmul over the modules' stacked weights give them
+        all: a model modulates the same c once per block and more (33 times in EDT-XL/2), each two
+        to five kernel launches, and launches set the pace of small-batch steps on a GPU. Under
+        autocast the fast path returns them in c's dtype, float32 like the residual stream they
+        modulate: CUDA's autocast would otherwise cast two operands of every multiply-add."""
+        if not self.fast:
+            return {module: module.adaLN_modulation(c) for module in modules}
+        linears = [module.adaLN_modulation[-1] for module in modules]
+        weight, bias = self.stacked_weights(linears)
+        stacked = F.linear(F.silu(c), weight, bias).to(c.dtype)  # (N, sum of k C)
+        return dict(zip(modules, stacked.split([linear.out_features for linear in linears], dim=1)))
+
+    def stacked_weights(self, linears):
+        """(weight, bias) of the Linears stacked along their outputs: concatenated anew under
+        autograd and torch.compile, else kept until one of them changes, in autocast's dtype
+        under autocast."""
+        def derive():
+            return torch.cat([linear.weight for linear in linears]), torch.cat([linear.bias for linear in linears])
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return derive()
+        dtype = inference_autocast_dtype(linears[0].weight.device.type)
+        key = tuple(map(id, linears))
+        if key not in self.kept_modulation_weights:
+            self.kept_modulation_weights[key] = KeptTensor()
+        parameters = [parameter for linear in linears for parameter in (linear.weight, linear.bias)]
+        return self.kept_modulation_weights[key].get(parameters, lambda: as_autocast_casts(derive(), dtype),
+                                                     context=dtype)
 
     @property
     def unconditional(self):

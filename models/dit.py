@@ -44,9 +44,10 @@ class DiT(GuidedDiffusionModel):
         """x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) class labels."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        modulation = self.modulations(c, self.modulated_modules)  # {module: (N, k D)}
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
+            x = block(x, modulation[block])  # (N, T, D)
+        x = self.final_layer(x, modulation[self.final_layer])  # (N, T, patch_size ** 2 * out_channels)
         return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
 
 

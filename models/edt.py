@@ -9,6 +9,7 @@ from .blocks import (LAYER_NORM_EPS, AdaLNBlock, FinalLayer, GuidedDiffusionMode
                      resolve_amm_blocks, unpatchify)
 from .embeddings import sincos_buffer
 from .fast_paths import FastPathSwitch
+from .onednn import PackedLinear
 
 NUM_STAGES = 5  # down, down, middle, up, up
 NUM_DOWN_STAGES = NUM_STAGES // 2
@@ -43,16 +44,17 @@ class DownSample(nn.Module, FastPathSwitch):
         self.grid_size = grid_size
         self.norm = nn.LayerNorm(4 * dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
         self.adaLN_modulation = adaptive_modulation(cond_dim, 8 * dim)
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.reduction = PackedLinear(4 * dim, out_dim, bias=False)
         self.register_buffer("pos_embed", sincos_buffer(out_dim, grid_size // 2))
 
-    def forward(self, x, c, keep=None):
-        """keep: optional (N, (2h)(2w)) mask of the input tokens (masked training)."""
+    def forward(self, x, modulation, keep=None):
+        """modulation: (N, 8C), `adaLN_modulation(c)`; keep: optional (N, (2h)(2w)) mask of the
+        input tokens (masked training)."""
         N, _, C = x.shape
         half = self.grid_size // 2
         # Sub-token order [row 0 col 0, row 1 col 0, row 0 col 1, row 1 col 1] is the released one.
         x = x.view(N, half, 2, half, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(N, half * half, 4 * C)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = modulation.chunk(2, dim=1)
         x = modulate(self.norm(x), shift, scale, self.fast)  # (N, h w, 4C)
         if keep is not None:
             keep = keep.view(N, half, 2, half, 2).permute(0, 1, 3, 4, 2).reshape(N, half * half, 4, 1)
@@ -66,7 +68,7 @@ class UpSample(nn.Module):
     def __init__(self, dim, out_dim, grid_size):
         super().__init__()
         self.grid_size = grid_size
-        self.expand = nn.Linear(dim, 4 * out_dim, bias=False)
+        self.expand = PackedLinear(dim, 4 * out_dim, bias=False)
 
     def forward(self, x):
         N = x.shape[0]
@@ -84,11 +86,12 @@ class ConcatLayer(nn.Module, FastPathSwitch):
         self.grid_size = grid_size
         self.norm_final = nn.LayerNorm(2 * dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
         self.adaLN_modulation = adaptive_modulation(cond_dim, 4 * dim)
-        self.cat = nn.Linear(2 * dim, dim)
+        self.cat = PackedLinear(2 * dim, dim)
         self.register_buffer("pos_embed", sincos_buffer(dim, grid_size))
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x, modulation):
+        """modulation: (N, 4C), `adaLN_modulation(c)`."""
+        shift, scale = modulation.chunk(2, dim=1)
         return self.cat(modulate(self.norm_final(x), shift, scale, self.fast)) + self.pos_embed
 
 
@@ -162,6 +165,7 @@ class EDT(GuidedDiffusionModel):
         """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        modulation = self.modulations(c, self.modulated_modules)  # {module: (N, k C)}
         skips = []
         for stage, (first, last) in enumerate(self.stage_ranges):
             if stage < NUM_DOWN_STAGES:
@@ -169,15 +173,18 @@ class EDT(GuidedDiffusionModel):
             if stage > NUM_DOWN_STAGES:
                 up = stage - NUM_DOWN_STAGES - 1
                 x = torch.cat([self.up_blocks[up](x), skips.pop()], dim=-1)  # (N, T_stage, 2 C_stage)
-                x = self.concat_blocks[up](x, c)  # (N, T_stage, C_stage)
+                concat = self.concat_blocks[up]
+                x = concat(x, modulation[concat])  # (N, T_stage, C_stage)
             for index in range(first, last):
                 if enable_down_mask and stage == 0 and index == self.stage0_mask_block:
                     x = self.replace_dropped_tokens(x, mask_start)
-                x = self.blocks[index](x, c)  # (N, T_stage, C_stage)
+                block = self.blocks[index]
+                x = block(x, modulation[block])  # (N, T_stage, C_stage)
             if stage < NUM_DOWN_STAGES:
                 keep = token_keep_mask(x, DOWN_MASK_RATIOS[stage], mask_start) if enable_down_mask else None
-                x = self.down_blocks[stage](x, c, keep)  # (N, T_stage / 4, C_next)
-        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
+                down = self.down_blocks[stage]
+                x = down(x, modulation[down], keep)  # (N, T_stage / 4, C_next)
+        x = self.final_layer(x, modulation[self.final_layer])  # (N, T, patch_size ** 2 * out_channels)
         return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
 
     def replace_dropped_tokens(self, x, mask_start):

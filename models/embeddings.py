@@ -4,6 +4,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .onednn import PackedLinear
+
 TIMESTEP_FREQUENCY_DIM = 256
 MAX_PERIOD = 10000
 
@@ -30,9 +32,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(TIMESTEP_FREQUENCY_DIM, hidden_size),
+            PackedLinear(TIMESTEP_FREQUENCY_DIM, hidden_size),
             nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
+            PackedLinear(hidden_size, hidden_size),
         )
 
     @staticmethod

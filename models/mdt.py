@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .attention import DEFAULT_AMM_VARIANT
 from .blocks import AdaLNBlock, FinalLayer, GuidedDiffusionModel, resolve_amm_blocks, unpatchify, zero_module_output
+from .onednn import PackedLinear
 
 TRAINING_MASK_RATIO = 0.3  # MDT's published training setting (its run.sh: --mask_ratio 0.30)
 MASK_RATIO_SPREAD = 0.2  # masked training drops mask_ratio + U(0, 0.2) of the tokens
@@ -53,12 +54,12 @@ class MDTBlock(AdaLNBlock):
 
     def __init__(self, dim, num_heads, grid_size, mlp_ratio=4.0, skip=False):
         super().__init__(dim, num_heads, grid_size, dim, mlp_ratio, bias_layout="mdt")
-        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.skip_linear = PackedLinear(2 * dim, dim) if skip else None
 
-    def forward(self, x, c, skip=None, token_ids=None):
+    def forward(self, x, modulation, skip=None, token_ids=None):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (N, T, D)
-        return super().forward(x, c, token_ids)  # (N, T, D)
+        return super().forward(x, modulation, token_ids)  # (N, T, D)
 
 
 #################################################################################
@@ -138,6 +139,10 @@ class MDTv2(GuidedDiffusionModel):
             raise ValueError("enable_mask needs an MDTv2 built with a mask_ratio")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        # The side block runs only in masked training; an unused modulation would give its
+        # weights zero gradients, which Adan's moments would count as a step.
+        modules = [module for module in self.modulated_modules if enable_mask or module not in self.sideblocks]
+        modulation = self.modulations(c, modules)  # {module: (N, k D)}
         input_tokens = x
         ids_keep = None
         if enable_mask:
@@ -145,29 +150,30 @@ class MDTv2(GuidedDiffusionModel):
             x, ids_keep, ids_restore, mask = random_token_subset(x, mask_ratio)  # (N, L, D)
         skips = []
         for block in self.en_inblocks:
-            x = block(x, c, token_ids=ids_keep)  # (N, L, D)
+            x = block(x, modulation[block], token_ids=ids_keep)  # (N, L, D)
             skips.append(x)
         for block in self.en_outblocks:
-            x = block(x, c, skip=skips.pop(), token_ids=ids_keep)  # (N, L, D)
+            x = block(x, modulation[block], skip=skips.pop(), token_ids=ids_keep)  # (N, L, D)
         if enable_mask:
-            x = self.interpolate_dropped_tokens(x, c, ids_restore, mask)  # (N, T, D)
+            x = self.interpolate_dropped_tokens(x, modulation, ids_restore, mask)  # (N, T, D)
         else:
             x = x + self.decoder_pos_embed
         for block in self.de_blocks:
-            x = block(x, c, skip=input_tokens)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
+            x = block(x, modulation[block], skip=input_tokens)  # (N, T, D)
+        x = self.final_layer(x, modulation[self.final_layer])  # (N, T, patch_size ** 2 * out_channels)
         return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
 
-    def interpolate_dropped_tokens(self, x, c, ids_restore, mask):
+    def interpolate_dropped_tokens(self, x, modulation, ids_restore, mask):
         """The side-interpolater: (N, L, D) kept tokens -> (N, T, D), mask tokens in the dropped
-        places, all in grid order; the side block's output replaces the dropped tokens only."""
+        places, all in grid order; the side block's output replaces the dropped tokens only.
+        modulation: the forward's {module: modulation}."""
         N, kept, D = x.shape
         mask_tokens = self.mask_token.expand(N, ids_restore.shape[1] - kept, D)
         x = torch.cat([x, mask_tokens], dim=1).gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
         x = x + self.decoder_pos_embed  # (N, T, D)
         interpolated = x
         for block in self.sideblocks:
-            interpolated = block(interpolated, c)
+            interpolated = block(interpolated, modulation[block])
         dropped = mask.unsqueeze(-1)  # (N, T, 1)
         return interpolated * dropped + (1 - dropped) * x
 

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast_paths import FastPathSwitch
-from .kept_tensor import KeptTensor
+from .kept_tensor import KeptTensor, as_autocast_casts, inference_autocast_dtype
 
 
 def onednn_ops():
@@ -26,12 +26,14 @@ FUSED_ACTIVATIONS = {None: ("none", [], ""), "gelu_tanh": ("gelu", [], "tanh")}
 class PackedLinear(nn.Linear, FastPathSwitch):
     """nn.Linear (same parameters and keys). With `fast`, CPU float32 inference runs through
     oneDNN on a packed copy of the weight, kept until the weight changes: about 5 % faster
-    than ATen's matmul, and the bias comes for free instead of a copy into the output. Costs a
+    than ATen's matmul, and the bias comes for free instead of a copy into the output; inference
+    under autocast (any device) keeps the weight and bias in autocast's dtype. Either costs a
     second copy of the weight in memory while inference runs."""
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__(in_features, out_features, bias=bias)
         self.packed_weight = KeptTensor()
+        self.autocast_parameters = KeptTensor()
 
     def uses_onednn(self, x):
         """Not with autograd, autocast or torch.compile (which packs weights itself)."""
@@ -43,7 +45,16 @@ class PackedLinear(nn.Linear, FastPathSwitch):
     def forward(self, x):
         if self.uses_onednn(x):
             return self.onednn_forward(x, activation=None)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, *self.weight_and_bias(x))
+
+    def weight_and_bias(self, x):
+        """The parameters, or at inference under autocast the casts autocast would make, kept."""
+        dtype = inference_autocast_dtype(x.device.type) if self.fast else None
+        if dtype is None:
+            return self.weight, self.bias
+        parameters = [self.weight] if self.bias is None else [self.weight, self.bias]
+        return self.autocast_parameters.get(parameters, lambda: as_autocast_casts((self.weight, self.bias), dtype),
+                                            context=dtype)
 
     def onednn_forward(self, x, activation):
         """activation: a key of FUSED_ACTIVATIONS; call only where uses_onednn(x)."""

@@ -323,7 +323,9 @@ def test_cpu_inference_takes_the_fused_kernels_and_training_the_explicit_bias_pa
     inputs = model_inputs()
     fast = kernels_called(model, *inputs)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in fast  # the 4-D bias mask is accepted
-    assert fast["mkldnn::_linear_pointwise"] == 4 * len(model.blocks)  # qkv, proj, fc1 with GELU, fc2
+    # Every Linear but the stacked modulations: qkv, proj, fc1 with GELU and fc2 of each block, the
+    # timestep MLP, down-sampling, up-sampling, concat and final Linears.
+    assert fast["mkldnn::_linear_pointwise"] == 4 * len(model.blocks) + 9
     assert "aten::gelu" not in fast
     model.set_fast_paths(False)
     plain = kernels_called(model, *inputs)
@@ -343,9 +345,10 @@ def test_compiled_inference_equals_eager():
     block = model.blocks[1]
     x, c = torch.randn(4, 16, 48), torch.randn(4, 32)  # stage 1: a 4x4 grid of 48 channels
     with torch.no_grad():
-        eager = block(x, c)
+        modulation = block.adaLN_modulation(c)
+        eager = block(x, modulation)
         block.compile()
-        compiled = block(x, c)
+        compiled = block(x, modulation)
     assert block._compiled_call_impl is not None
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
@@ -365,9 +368,13 @@ def test_kept_inference_tensors_follow_every_change_of_their_parameters():
         before = fast_equals_plain()
         assert bias() is bias()  # gathered once
         assert fc1.packed_weight.get(fc1.weight, None) is fc1.packed_weight.get(fc1.weight, None)  # packed once
+        modulation = model.blocks[0].adaLN_modulation[1]
+        stacked = model.stacked_weights([module.adaLN_modulation[1] for module in model.modulated_modules])
+        assert stacked is model.stacked_weights([module.adaLN_modulation[1] for module in model.modulated_modules])
         state = {key: value.clone() for key, value in model.state_dict().items()}
         bias.relative_position_bias_table.add_(0.5)
         fc1.weight.mul_(2)
+        modulation.bias.add_(0.5)
         assert torch.equal(bias(), bias.gather())
         changed = fast_equals_plain()
         model.load_state_dict(state)
