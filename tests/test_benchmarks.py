@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import attention_kernels, gpu_profile, gpu_protocol, speed
+from benchmarks import attention_kernels, gpu_profile, gpu_protocol, launch_count, speed
 from benchmarks.plain_dit import plain_dit_like
 from diffusion import create_diffusion, create_named_schedule_sampler
 from models import create_model
@@ -204,6 +204,18 @@ def test_gpu_profile_tiny_on_cpu_splits_each_case_by_category_and_part(tmp_path)
         assert json.load(trace)["traceEvents"]
     assert "aten::" in (out / "tables" / f"{stem}.txt").read_text()
     assert "| EDT-S/2 masked training step |" in (out / "profile.md").read_text()
+
+
+def test_launch_count_dispatches_as_on_cuda_and_counts_no_weight_casts(tmp_path):
+    result = launch_count.main(["--out", str(tmp_path), "--models", "EDT-S/2", "--batch", "1", "--latent-size", "16"])
+    rows = {row["precision"]: row for row in result["rows"]}
+    linears = sum(isinstance(module, torch.nn.Linear) for module in create_model("EDT-S/2", input_size=16).modules())
+    assert rows["no"]["inference_casts"] == 1  # the timesteps to float
+    # Under CUDA's autocast the kept weights leave only activations to cast, fewer than the Linears.
+    assert 0 < rows["bf16"]["inference_casts"] < linears
+    assert rows["bf16"]["training_casts"] > 2 * linears  # autograd: each weight and its gradient cast
+    assert rows["no"]["training_step"] > 3 * rows["no"]["inference"] > 0
+    assert "| EDT-S/2 | bf16 |" in (tmp_path / "launches.md").read_text()
 
 
 def test_attention_kernel_benchmark_checks_every_candidate_and_marks_the_choice(tmp_path):

@@ -1,0 +1,193 @@
+"""Kernel launches of one inference forward and one masked training step, counted without a GPU.
+Where steps are small (the masked training step at batch 32, sampling a few images), the host's
+launches, not the GPU, set the pace, so their count is the figure to lower.
+
+    python -m benchmarks.launch_count --out results/launches
+    python -m benchmarks.launch_count --out /tmp/launches --models EDT-S/2 --batch 2
+
+Launches are the ATen operators that run a kernel: every operator below autograd but views and
+metadata, a scaled-dot-product attention as one. Inference dispatches as on CUDA, through fake
+CUDA tensors (shapes without data, so CUDA's autocast casts are those a GPU would run); the
+training step (forward and backward of the full and the masked loss, Adan's multi-tensor update
+as on CUDA, EMA) runs on the CPU, whose autocast casts fewer operands than CUDA's. Writes
+OUT/launches.md and OUT/launches.json.
+"""
+import argparse
+import collections
+import contextlib
+import os
+import sys
+import warnings
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from timm.optim import Adan
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import gpu_protocol, speed  # noqa: E402
+from diffusion import create_diffusion, create_named_schedule_sampler  # noqa: E402
+from runtime.ema import create_ema, update_ema  # noqa: E402
+from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
+from training.step import fused_micro_batch_losses, micro_batch_losses  # noqa: E402
+
+# Operators that only make views or read metadata: no kernel.
+NO_KERNEL = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze", "as_strided",
+             "detach", "split", "split_with_sizes", "unbind", "slice", "select", "alias", "reshape", "_reshape_alias",
+             "unflatten", "flatten", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+             "lift_fresh", "view_as", "narrow", "movedim", "is_same_size", "_has_compatible_shallow_copy_type",
+             "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_record_function_enter_new",
+             "_record_function_exit"}
+PRECISIONS = ("no", "bf16", "fp16")  # autocast dtypes as the scripts name them
+DEFAULT_MODELS = ("EDT-S/2", "MDTv2-S/2", "EDT-XL/2", "MDTv2-XL/2")
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts kernel-running operators by name; `attention` counts a fused attention call as one
+    and hides the operators of the path it takes without a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.inside_attention = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside_attention and name not in NO_KERNEL and func.namespace != "prim":
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def attention(self):
+        self.counts["scaled_dot_product_attention"] += 1
+        self.inside_attention = True
+        try:
+            yield
+        finally:
+            self.inside_attention = False
+
+
+class FusedAttentionAsOne(TorchFunctionMode):
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            with self.counter.attention():
+                return func(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counting():
+    counter = LaunchCounter()
+    with FusedAttentionAsOne(counter), counter:
+        yield counter
+
+
+@contextlib.contextmanager
+def fake_cuda():
+    """A fake mode whose tensors dispatch as CUDA tensors, with CUDA's autocast allowed."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
+            mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.object(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True), \
+            warnings.catch_warnings():
+        # Kept inference tensors are keyed by their parameters' storage, which fake tensors lack (all alike).
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
+        yield lambda tensor: fake_mode.from_tensor(tensor).to("cuda")
+
+
+def inference_launches(name, precision, batch, latent_size):
+    model = speed.build_model(name, latent_size, seed=0).eval()
+    x, y, t = speed.make_inputs(batch, latent_size, torch.device("cpu"), torch.Generator().manual_seed(0))
+    with fake_cuda() as to_fake_cuda:
+        model = model._apply(to_fake_cuda)
+        x, y, t = (to_fake_cuda(tensor) for tensor in (x, y, t))
+        with torch.no_grad(), speed.autocast(torch.device("cuda"), precision):
+            model(x, t, y)  # derives the kept inference tensors
+            with counting() as counter:
+                model(x, t, y)
+    return counter.counts
+
+
+def training_step_launches(name, precision, batch, latent_size):
+    model = speed.build_model(name, latent_size, seed=0).train()
+    ema = create_ema(model)
+    optimizer = Adan(model.parameters(), lr=speed.LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS, weight_decay=0.0,
+                     foreach=True)
+    x, y, _ = speed.make_inputs(batch, latent_size, torch.device("cpu"), torch.Generator().manual_seed(0))
+    diffusion = create_diffusion(timestep_respacing="")
+    schedule_sampler = create_named_schedule_sampler("uniform", diffusion)
+
+    def step():
+        with speed.autocast(torch.device("cpu"), precision):
+            if model.fuses_masked_batch:
+                full, masked = fused_micro_batch_losses(model, diffusion, schedule_sampler, x, y)
+            else:
+                full, masked = micro_batch_losses(model, diffusion, schedule_sampler, x, y, model.masked_training_flag)
+        (full + masked).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, speed.EMA_DECAY)
+
+    step()  # the optimizer's state
+    with counting() as counter:
+        step()
+    return counter.counts
+
+
+def measure(args):
+    rows = []
+    for name in args.models:
+        for precision in args.precisions:
+            inference = inference_launches(name, precision, args.batch, args.latent_size)
+            training = training_step_launches(name, precision, args.batch, args.latent_size)
+            rows.append(dict(model=name, precision=precision, inference=sum(inference.values()),
+                             inference_casts=inference["_to_copy"], training_step=sum(training.values()),
+                             training_casts=training["_to_copy"]))
+            print(markdown_row(rows[-1]), flush=True)
+    return rows
+
+
+TABLE_HEADER = ("| model | precision | inference forward, CUDA dispatch | of them casts | masked training step, CPU "
+                "dispatch | of them casts |\n|---|---|---|---|---|---|")
+
+
+def markdown_row(row):
+    return (f"| {row['model']} | {row['precision']} | {row['inference']} | {row['inference_casts']} | "
+            f"{row['training_step']} | {row['training_casts']} |")
+
+
+def markdown(result):
+    settings = result["settings"]
+    lines = [f"Kernel launches; batch {settings['batch']}, latent {settings['latent_size']}, torch {torch.__version__}",
+             "", TABLE_HEADER, *(markdown_row(row) for row in result["rows"])]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for launches.md and launches.json")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["no", "bf16"],
+                        help="autocast: no (float32), bf16 or fp16")
+    parser.add_argument("--batch", type=int, default=4, help="launches do not depend on it; small is quick")
+    parser.add_argument("--latent-size", type=int, default=32)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(TABLE_HEADER, flush=True)
+    result = {"settings": dict(batch=args.batch, latent_size=args.latent_size), "rows": measure(args)}
+    gpu_protocol.write_report(result, markdown(result), args.out, "launches")
+    return result
+
+
+if __name__ == "__main__":
+    main()
