@@ -16,10 +16,16 @@ COMPILED_GRAPHS_PER_BLOCK = 64
 
 
 def modulate(x, shift, scale, fused=True):
-    """x (1 + scale) + shift, fused: one multiply-add instead of two passes; x: (N, T, C); shift, scale: (N, C)."""
-    if fused:
+    """x (1 + scale) + shift, fused: one multiply-add instead of two passes; x: (N, T, C); shift, scale: (N, C).
+    At inference under autocast the fused result is written in autocast's dtype: a Linear reads it
+    next, and autocast would cast it there in a pass of its own, to the same values."""
+    if not fused:
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    dtype = inference_autocast_dtype(x.device.type)
+    if dtype is None or x.dtype != torch.float32:
         return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1), out=out)
 
 
 def gated_residual(x, gate, branch, fused=True):

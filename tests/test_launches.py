@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.blocks import gated_residual
+from models.blocks import gated_residual, modulate
 from models.onednn import PackedLinear
 from test_mdt import tiny_mdt
 from test_models import model_inputs, randomize, tiny_dit, tiny_edt
@@ -114,6 +114,18 @@ def test_gated_residual_reads_a_half_precision_branch_as_autocast_would_cast_it(
         fused = gated_residual(x, gate, branch)
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused, torch.addcmul(x, gate.unsqueeze(1), branch.float()), rtol=0, atol=0)
+
+
+def test_modulation_at_inference_under_autocast_is_written_as_the_next_linear_reads_it():
+    x, shift, scale = torch.randn(2, 6, 8), torch.randn(2, 8), torch.randn(2, 8)
+    exact = torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            inference = modulate(x, shift, scale)
+        training = modulate(x, shift, scale)
+    assert inference.dtype == torch.bfloat16 and training.dtype == torch.float32
+    torch.testing.assert_close(inference, exact.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(training, exact, rtol=0, atol=0)
 
 
 def fake_cuda(model, fake_mode):
