@@ -8,8 +8,9 @@ launches, not the GPU, set the pace, so their count is the figure to lower.
 Launches are the ATen operators that run a kernel: every operator below autograd but views and
 metadata, a scaled-dot-product attention as one. Inference dispatches as on CUDA, through fake
 CUDA tensors (shapes without data, so CUDA's autocast casts are those a GPU would run); the
-training step (forward and backward of the full and the masked loss, Adan's multi-tensor update
-as on CUDA, EMA) runs on the CPU, whose autocast casts fewer operands than CUDA's. Writes
+training step (forward and backward of the full and the masked loss, the stacked modulations and
+Adan's multi-tensor update as on CUDA, EMA) runs on the CPU, whose autocast casts fewer operands
+than CUDA's. Writes
 OUT/launches.md and OUT/launches.json.
 """
 import argparse
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import gpu_protocol, speed  # noqa: E402
 from diffusion import create_diffusion, create_named_schedule_sampler  # noqa: E402
+from models import blocks  # noqa: E402
 from runtime.ema import create_ema, update_ema  # noqa: E402
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
 from training.step import fused_micro_batch_losses, micro_batch_losses  # noqa: E402
@@ -136,9 +138,11 @@ def training_step_launches(name, precision, batch, latent_size):
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, model, speed.EMA_DECAY)
 
-    step()  # the optimizer's state
-    with counting() as counter:
-        step()
+    # The modulations as a forward with autograd computes them on CUDA.
+    with mock.patch.object(blocks, "STACKED_MODULATION_TRAINING_DEVICES", ("cuda", "cpu")):
+        step()  # the optimizer's state
+        with counting() as counter:
+            step()
     return counter.counts
 
 

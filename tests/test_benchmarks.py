@@ -1,11 +1,13 @@
 """The speed benchmark's fast paths compute what the plain paths compute, and the script runs."""
 import gzip
 import json
+import os
+import sys
 
 import pytest
 import torch
 
-from benchmarks import attention_kernels, gpu_profile, gpu_protocol, launch_count, speed
+from benchmarks import attention_kernels, compare_trees, gpu_profile, gpu_protocol, launch_count, speed
 from benchmarks.plain_dit import plain_dit_like
 from diffusion import create_diffusion, create_named_schedule_sampler
 from models import create_model
@@ -216,6 +218,17 @@ def test_launch_count_dispatches_as_on_cuda_and_counts_no_weight_casts(tmp_path)
     assert rows["bf16"]["training_casts"] > 2 * linears  # autograd: each weight and its gradient cast
     assert rows["no"]["training_step"] > 3 * rows["no"]["inference"] > 0
     assert "| EDT-S/2 | bf16 |" in (tmp_path / "launches.md").read_text()
+
+
+def test_compare_trees_loads_the_other_checkouts_models_beside_ours():
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lines = compare_trees.main(["--baseline", repo_root, "--model", "EDT-S/2", "--measurements", "inference",
+                                "--latent-size", "16", "--batch-size", "1", "--device", "cpu", "--repeats", "1",
+                                "--warmup", "0"])
+    assert len(lines) == 1 and lines[0].startswith("EDT-S/2 inference (no, batch 1): baseline ")
+    assert compare_trees.BASELINE_PACKAGE in sys.modules
+    with pytest.raises(SystemExit, match="no models package"):
+        compare_trees.main(["--baseline", os.path.join(repo_root, "tests")])
 
 
 def test_attention_kernel_benchmark_checks_every_candidate_and_marks_the_choice(tmp_path):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from models import blocks
 from models.blocks import gated_residual, modulate
 from models.onednn import PackedLinear
 from test_mdt import tiny_mdt
@@ -44,18 +45,43 @@ def activation_upcasts(casts):
             if source.dim() == 3 and dtype == torch.float32 and source.dtype in (torch.bfloat16, torch.float16)]
 
 
+def silu_calls(model, *inputs):
+    with Casts() as counted:
+        model(*inputs)
+    return counted.operators["silu"]
+
+
 @pytest.mark.parametrize("name", BUILDERS)
-def test_every_modulation_comes_from_one_silu_and_one_matmul(name):
+def test_every_modulation_comes_from_one_silu_and_one_matmul(monkeypatch, name):
     model = randomize(BUILDERS[name](class_dropout_prob=0.0)).train()
-    x, t, y = model_inputs()
-    with Casts() as fast:
-        model(x, t, y)
-    assert fast.operators["silu"] == 2  # the timestep MLP's and the modulations'
-    model.set_fast_paths(False)
-    with Casts() as plain:
-        model(x, t, y)
+    inputs = model_inputs()
     unmasked = [module for module in model.modulated_modules if module not in getattr(model, "sideblocks", ())]
-    assert plain.operators["silu"] == 1 + len(unmasked) > 2
+    one_by_one = 1 + len(unmasked)  # the timestep MLP's SiLU and each modulation's
+    with torch.no_grad():
+        assert silu_calls(model, *inputs) == 2
+    assert silu_calls(model, *inputs) == one_by_one  # with autograd on the CPU, where stacking costs more
+    monkeypatch.setattr(blocks, "STACKED_MODULATION_TRAINING_DEVICES", ("cuda", "cpu"))
+    assert silu_calls(model, *inputs) == 2  # with autograd on a GPU
+    model.set_fast_paths(False)
+    assert silu_calls(model, *inputs) == one_by_one > 2
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_stacked_modulations_train_as_each_modules_own(monkeypatch, name):
+    monkeypatch.setattr(blocks, "STACKED_MODULATION_TRAINING_DEVICES", ("cuda", "cpu"))
+    model = randomize(BUILDERS[name](class_dropout_prob=0.0)).train()
+    inputs = model_inputs()
+    results = []
+    for fast in (True, False):
+        model.set_fast_paths(fast)
+        out = model(*inputs)
+        out.square().mean().backward()
+        results.append((out.detach(), [parameter.grad for parameter in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    (out_stacked, grads_stacked), (out_plain, grads_plain) = results
+    torch.testing.assert_close(out_stacked, out_plain, rtol=1e-5, atol=1e-5)
+    for stacked, plain in zip(grads_stacked, grads_plain):  # None for MDT's side block, unmasked
+        torch.testing.assert_close(stacked, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", BUILDERS)
