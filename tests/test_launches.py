@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks import launch_count
 from models import blocks
 from models.blocks import gated_residual, modulate
 from models.onednn import PackedLinear
@@ -154,10 +154,6 @@ def test_modulation_at_inference_under_autocast_is_written_as_the_next_linear_re
     torch.testing.assert_close(training, exact, rtol=0, atol=0)
 
 
-def fake_cuda(model, fake_mode):
-    return model._apply(lambda tensor: fake_mode.from_tensor(tensor).to("cuda"))
-
-
 @pytest.mark.parametrize("name", BUILDERS)
 def test_fast_and_plain_paths_agree_under_autocast(name):
     model = randomize(BUILDERS[name](class_dropout_prob=0.0))
@@ -174,16 +170,13 @@ def test_fast_and_plain_paths_agree_under_autocast(name):
         assert error < 2e-2, (train, error)  # bfloat16 keeps 8 bits
 
 
-@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
 @pytest.mark.parametrize("name", BUILDERS)
-def test_cuda_autocast_inference_casts_no_parameter_modulation_or_branch(monkeypatch, name):
+def test_cuda_autocast_inference_casts_no_parameter_modulation_or_branch(name):
     model = randomize(BUILDERS[name]()).eval()
     inputs = model_inputs()
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
-        model = fake_cuda(model, fake_mode)
-        inputs = [tensor.to("cuda") for tensor in inputs]
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    with launch_count.fake_cuda() as to_fake_cuda:
+        model = model._apply(to_fake_cuda)
+        inputs = [to_fake_cuda(tensor) for tensor in inputs]
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             model(*inputs)  # derives the kept weights
             with Casts() as fast:
