@@ -31,11 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import gpu_protocol, speed  # noqa: E402
-from diffusion import create_diffusion, create_named_schedule_sampler  # noqa: E402
 from models import blocks  # noqa: E402
-from runtime.ema import create_ema, update_ema  # noqa: E402
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
-from training.step import fused_micro_batch_losses, micro_batch_losses  # noqa: E402
 
 # Operators that only make views or read metadata: no kernel.
 NO_KERNEL = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze", "as_strided",
@@ -119,25 +116,14 @@ def inference_launches(name, precision, batch, latent_size):
 
 
 def training_step_launches(name, precision, batch, latent_size):
-    model = speed.build_model(name, latent_size, seed=0).train()
-    ema = create_ema(model)
-    optimizer = Adan(model.parameters(), lr=speed.LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS, weight_decay=0.0,
-                     foreach=True)
-    x, y, _ = speed.make_inputs(batch, latent_size, torch.device("cpu"), torch.Generator().manual_seed(0))
-    diffusion = create_diffusion(timestep_respacing="")
-    schedule_sampler = create_named_schedule_sampler("uniform", diffusion)
-
-    def step():
-        with speed.autocast(torch.device("cpu"), precision):
-            if model.fuses_masked_batch:
-                full, masked = fused_micro_batch_losses(model, diffusion, schedule_sampler, x, y)
-            else:
-                full, masked = micro_batch_losses(model, diffusion, schedule_sampler, x, y, model.masked_training_flag)
-        (full + masked).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, speed.EMA_DECAY)
-
+    """speed.py's masked training step, with Adan's multi-tensor update as on CUDA."""
+    device = torch.device("cpu")
+    settings = argparse.Namespace(compile=False, mixed_precision=precision)
+    variant = speed.Variant(name, name, speed.build_model(name, latent_size, seed=0).train(), True, settings, device)
+    variant.optimizer = Adan(variant.model.parameters(), lr=speed.LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS,
+                             weight_decay=0.0, foreach=True)
+    x, y, _ = speed.make_inputs(batch, latent_size, device, torch.Generator().manual_seed(0))
+    step = speed.training_step_fn(variant, True, x, y, settings, device)
     # The modulations as a forward with autograd computes them on CUDA.
     with mock.patch.object(blocks, "STACKED_MODULATION_TRAINING_DEVICES", ("cuda", "cpu")):
         step()  # the optimizer's state

@@ -102,11 +102,10 @@ class RelativePositionBias(nn.Module):
         kernel that would cast it at every call (None: the table's)."""
         if token_ids is not None:
             return gather_token_pairs(self.gather(), token_ids)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.gather()
+
         def derive():
             return self.gather() if dtype is None else self.gather().to(dtype)
-        return self.kept_bias.get(self.relative_position_bias_table, derive, context=dtype)
+        return self.kept_bias.get_at_inference(self.relative_position_bias_table, derive, context=dtype)
 
 
 def gather_token_pairs(matrix, token_ids):
@@ -220,12 +219,9 @@ class Attention(nn.Module, FastPathSwitch):
         """The parameter with zero-padded heads: derived anew under autograd (its gradient flows
         to the parameter) and under torch.compile, else kept until the parameter changes, in
         autocast's dtype under autocast."""
-        def derive():
-            return pad_heads(parameter, axis, self.head_dim, width)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return derive()
         dtype = inference_autocast_dtype(parameter.device.type)
-        key = (name, width)
-        if key not in self.padded_weights:
-            self.padded_weights[key] = KeptTensor()
-        return self.padded_weights[key].get(parameter, lambda: as_autocast_casts((derive(),), dtype)[0], context=dtype)
+
+        def derive():
+            return as_autocast_casts((pad_heads(parameter, axis, self.head_dim, width),), dtype)[0]
+        kept = self.padded_weights.setdefault((name, width), KeptTensor())
+        return kept.get_at_inference(parameter, derive, context=dtype)

@@ -204,17 +204,14 @@ class GuidedDiffusionModel(nn.Module, FastPathSwitch):
         """(weight, bias) of the Linears stacked along their outputs: concatenated anew under
         autograd and torch.compile, else kept until one of them changes, in autocast's dtype
         under autocast."""
-        def derive():
-            return torch.cat([linear.weight for linear in linears]), torch.cat([linear.bias for linear in linears])
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return derive()
         dtype = inference_autocast_dtype(linears[0].weight.device.type)
-        key = tuple(map(id, linears))
-        if key not in self.kept_modulation_weights:
-            self.kept_modulation_weights[key] = KeptTensor()
+
+        def derive():
+            stacked = torch.cat([linear.weight for linear in linears]), torch.cat([linear.bias for linear in linears])
+            return as_autocast_casts(stacked, dtype)
+        kept = self.kept_modulation_weights.setdefault(tuple(map(id, linears)), KeptTensor())
         parameters = [parameter for linear in linears for parameter in (linear.weight, linear.bias)]
-        return self.kept_modulation_weights[key].get(parameters, lambda: as_autocast_casts(derive(), dtype),
-                                                     context=dtype)
+        return kept.get_at_inference(parameters, derive, context=dtype)
 
     @property
     def unconditional(self):

@@ -20,6 +20,13 @@ class KeptTensor:
             self.tensor, self.kept_for = derive(), state
         return self.tensor
 
+    def get_at_inference(self, parameters, derive, context=None):
+        """`get`, except under autograd (the gradient must flow to the parameters) and
+        torch.compile, where derive() runs anew."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return derive()
+        return self.get(parameters, derive, context)
+
     def __getstate__(self):
         return {}
 
