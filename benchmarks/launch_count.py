@@ -102,17 +102,23 @@ def fake_cuda():
         yield lambda tensor: fake_mode.from_tensor(tensor).to("cuda")
 
 
-def inference_launches(name, precision, batch, latent_size):
+def fake_cuda_inference(name, precision, batch, latent_size, observed):
+    """One inference forward of the model dispatched as on CUDA, inside the context `observed()`
+    (after a forward that derives the kept inference tensors); returns what observed yields."""
     model = speed.build_model(name, latent_size, seed=0).eval()
     x, y, t = speed.make_inputs(batch, latent_size, torch.device("cpu"), torch.Generator().manual_seed(0))
     with fake_cuda() as to_fake_cuda:
         model = model._apply(to_fake_cuda)
         x, y, t = (to_fake_cuda(tensor) for tensor in (x, y, t))
         with torch.no_grad(), speed.autocast(torch.device("cuda"), precision):
-            model(x, t, y)  # derives the kept inference tensors
-            with counting() as counter:
+            model(x, t, y)
+            with observed() as observer:
                 model(x, t, y)
-    return counter.counts
+    return observer
+
+
+def inference_launches(name, precision, batch, latent_size):
+    return fake_cuda_inference(name, precision, batch, latent_size, counting).counts
 
 
 def training_step_launches(name, precision, batch, latent_size):

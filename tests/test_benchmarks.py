@@ -7,10 +7,11 @@ import sys
 import pytest
 import torch
 
-from benchmarks import attention_kernels, compare_trees, gpu_profile, gpu_protocol, launch_count, speed
+from benchmarks import attention_kernels, compare_trees, gpu_floor, gpu_profile, gpu_protocol, launch_count, speed
 from benchmarks.plain_dit import plain_dit_like
 from diffusion import create_diffusion, create_named_schedule_sampler
 from models import create_model
+from models.macs import count_macs
 from runtime.ema import create_ema, update_ema
 from training.step import fused_micro_batch_losses, micro_batch_losses
 
@@ -147,6 +148,7 @@ def test_bad_arguments_fail_with_one_line(argv, message):
 # (EDT_models, forward(x, t, y, enable_down_mask=...), the released state dict).
 RELEASE_STAND_IN = '''
 from models import create_model
+from models.macs import count_macs
 
 EDT_models = {"EDT-S/2": lambda **kwargs: create_model("EDT-S/2", **kwargs)}
 '''
@@ -218,6 +220,31 @@ def test_launch_count_dispatches_as_on_cuda_and_counts_no_weight_casts(tmp_path)
     assert rows["bf16"]["training_casts"] > 2 * linears  # autograd: each weight and its gradient cast
     assert rows["no"]["training_step"] > 3 * rows["no"]["inference"] > 0
     assert "| EDT-S/2 | bf16 |" in (tmp_path / "launches.md").read_text()
+
+
+def test_gpu_floor_counts_the_models_flops_and_bounds_their_time(tmp_path):
+    protocol = tmp_path / "protocol.json"
+    protocol.write_text(json.dumps({"matmul_tflops": 100.0, "rows": [
+        {"measurement": "inference", "precision": "fp32", "summaries": {"EDT-S/2": {"median_s": 0.5}}},
+        {"measurement": "inference", "precision": "fp32", "summaries": {"EDT-S/2": {"median_s": 0.4}}}]}))
+    result = gpu_floor.main(["--out", str(tmp_path), "--models", "EDT-S/2", "--batch", "2", "--latent-size", "16",
+                             "--measured", str(protocol)])
+    rows = {row["precision"]: row for row in result["rows"]}
+    macs = count_macs(create_model("EDT-S/2", input_size=16))
+    assert rows["fp32"]["gflops"] * 1e9 == pytest.approx(2 * macs * 2, rel=1e-9)
+    assert rows["bf16"]["gflops"] > rows["fp32"]["gflops"]  # q, k and v padded from 52 to 56 channels
+    assert rows["bf16"]["gigabytes"] < 0.8 * rows["fp32"]["gigabytes"]
+    assert rows["bf16"]["launches"] == sum(launch_count.inference_launches("EDT-S/2", "bf16", 2, 16).values())
+    rates = result["rates"]
+    assert rates["matmul_flops"] == 100e12
+    for row in rows.values():
+        assert row["floor_ms"] == pytest.approx(sum(entry["floor_ms"] for entry in row["by_category"].values()))
+        assert row["floor_ms"] * 1e-3 >= row["gigabytes"] * 1e9 / rates["bandwidth"]
+        assert row["floor_ms"] * 1e-3 >= row["gflops"] * 1e9 / rates["matmul_flops"]
+    assert rows["fp32"]["measured_ms"] == pytest.approx(400) and rows["bf16"]["measured_ms"] is None
+    assert "| EDT-S/2 | fp32 |" in (tmp_path / "floor.md").read_text()
+    with pytest.raises(SystemExit, match="cannot read a protocol.json"):
+        gpu_floor.main(["--out", str(tmp_path), "--measured", str(tmp_path / "missing.json")])
 
 
 def test_compare_trees_loads_the_other_checkouts_models_beside_ours():
