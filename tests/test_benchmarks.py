@@ -2,7 +2,9 @@
 import gzip
 import json
 import os
+import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -245,6 +247,48 @@ def test_gpu_floor_counts_the_models_flops_and_bounds_their_time(tmp_path):
     assert "| EDT-S/2 | fp32 |" in (tmp_path / "floor.md").read_text()
     with pytest.raises(SystemExit, match="cannot read a protocol.json"):
         gpu_floor.main(["--out", str(tmp_path), "--measured", str(tmp_path / "missing.json")])
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python3: records each benchmark's arguments and writes the report it would.
+if [ "$1" = "-c" ]; then exit "${HAS_DIFFUSERS:-0}"; fi
+if [ "$2" = "pip" ]; then exit 1; fi  # no wheels to install
+echo "$*" >> "$CALLS"
+out="$(echo "$*" | sed -E 's/.*--out ([^ ]+).*/\\1/')"
+mkdir -p "$out/traces" && touch "$out/traces/case.json.gz"
+case "$2" in benchmarks.gpu_profile) echo profile > "$out/profile.md" ;; *) echo protocol > "$out/protocol.md" ;; esac
+"""
+
+
+def run_gpu_session(tmp_path, *args, has_diffusers=True):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "python3").chmod(0o755)
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PATH=f"{bin_dir}:/usr/bin:/bin", CALLS=str(tmp_path / "calls"),
+               HAS_DIFFUSERS="0" if has_diffusers else "1", GPU_SESSION_ARGS="--tiny --device cpu")
+    return subprocess.run(["bash", os.path.join(repo_root, "benchmarks", "gpu_session.sh"), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+
+
+def test_gpu_session_runs_each_benchmark_in_turn_and_brings_back_five_files(tmp_path):
+    out = tmp_path / "out"
+    assert run_gpu_session(tmp_path, str(out), "release_checkout").returncode == 0
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol", "benchmarks.gpu_profile",
+                                                   "benchmarks.gpu_protocol"]
+    assert "--release-code release_checkout" in calls[0] and "--cuda-graphs" not in calls[0]  # no GPU here
+    assert "--compile" in calls[2] and all(call.endswith("--tiny --device cpu") for call in calls)
+    assert sorted(os.listdir(out)) == ["profile.md", "protocol.md", "protocol_compiled.md", "session.log",
+                                       "session.tar.gz"]
+    assert (out / "profile.md").read_text() == "profile\n"
+    with tarfile.open(out / "session.tar.gz") as archive:
+        names = archive.getnames()
+    assert "./protocol/protocol.md" in names and not any("traces" in name for name in names)
+    assert "== profile: exit 0" in (out / "session.log").read_text()
+    missing = run_gpu_session(tmp_path, str(tmp_path / "other"), has_diffusers=False)
+    assert missing.returncode == 1 and "holds no wheels for it" in missing.stdout
 
 
 def test_compare_trees_loads_the_other_checkouts_models_beside_ours():
