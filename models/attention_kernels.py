@@ -123,7 +123,9 @@ def amm_attention(q, k, v, bias, amm, scale):
     modulated, modulated_lse = attention_with_lse(q, k, v, modulated_bias, scale)
     _, lse = attention_with_lse(q, k, v, bias, scale)
     renormalisation = torch.exp(modulated_lse - lse).unsqueeze(-1)  # (B, heads, T, 1), sum of the modulated probabilities
-    return (modulated * renormalisation).to(q.dtype)  # (B, heads, T, D)
+    # The float32 product rounded to q's dtype as it is written: one pass instead of a product and a cast.
+    out = torch.empty_like(modulated, dtype=q.dtype)
+    return torch.mul(modulated, renormalisation, out=out)  # (B, heads, T, D)
 
 
 #################################################################################

@@ -9,9 +9,9 @@ import torch
 import models.attention as attention_module
 from models import create_model, load_checkpoint
 from models.attention import attention_modulation_matrix, gather_token_pairs
-from models.attention_kernels import (AMM_LSE, EXPLICIT, SDPA, KernelChoice, amm_attention, choose_attention_kernel,
-                                      efficient_kernel_bias, explicit_attention, pad_heads, padded_head_width,
-                                      sdpa_attention)
+from models.attention_kernels import (AMM_LSE, EXPLICIT, SDPA, KernelChoice, amm_attention, attention_with_lse,
+                                      choose_attention_kernel, efficient_kernel_bias, explicit_attention, pad_heads,
+                                      padded_head_width, sdpa_attention)
 from models.mdt import TRAINING_MASK_RATIO
 from runtime.checkpoint import save_checkpoint
 from test_models import (REFERENCE_DIR, deterministic_state_dict, model_inputs, randomize, tiny_dit,
@@ -55,6 +55,18 @@ def test_amm_through_log_sum_exp_equals_explicit_modulation(grid, variant, with_
     assert (amm.diagonal() > 0).all() and (amm == 0).any() == (grid > 3)  # cut beyond the radius from 4x4 on
     expected = explicit_attention(q, k, v, bias, amm, 52 ** -0.5)
     assert relative_error(amm_attention(q, k, v, bias, amm, 52 ** -0.5), expected) < RELATIVE_TOLERANCE
+
+
+def test_amm_in_half_precision_rounds_the_float32_renormalised_output_once():
+    q, k, v = (tensor.to(torch.bfloat16) for tensor in qkv(2, 3, 64, 56, seed=1))
+    bias = torch.randn(1, 3, 64, 64).to(torch.bfloat16)
+    amm = attention_modulation_matrix(8)
+    modulated, modulated_lse = attention_with_lse(q, k, v, bias + amm.log(), 56 ** -0.5)
+    _, lse = attention_with_lse(q, k, v, bias, 56 ** -0.5)
+    expected = (modulated * torch.exp(modulated_lse - lse).unsqueeze(-1)).to(torch.bfloat16)
+    out = amm_attention(q, k, v, bias, amm, 56 ** -0.5)
+    assert out.dtype == torch.bfloat16 and out.stride() == modulated.stride()
+    assert torch.equal(out, expected)
 
 
 def test_amm_over_gathered_tokens_equals_explicit_modulation():
