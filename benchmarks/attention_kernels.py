@@ -7,19 +7,26 @@ explicit path in float32: the measurements behind `models.attention_kernels.choo
 For every case (model, stage, batch, mode) and dtype it times the explicit path and every fused
 candidate (SDPA at the head's width and zero-padded to 56 or 64, the AMM through two
 log-sum-exp passes), forward only at inference and forward plus backward in training, and
-marks the candidate that `choose_attention_kernel` takes. A candidate the device cannot run is
-reported as such.
+marks the candidate that `choose_attention_kernel` takes. Two more candidates, not yet taken by
+any model, are measured beside them: FlexAttention (the bias added in its score function,
+compiled on CUDA; on the CPU eager and at inference only, a check of its values) and, on CUDA,
+cuDNN's fused attention, each also for the AMM through their log-sum-exp. A candidate the
+device cannot run is reported as such.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,10 +54,11 @@ class Case:
 def cases(tiny):
     """The shapes of one forward of the protocol's measurements (benchmarks/gpu_protocol.py)."""
     if tiny:
-        return [Case("EDT, inference", 4, 2, 8, 52, "shared", False), Case("EDT, training", 4, 2, 8, 52, "shared", True),
-                Case("EDT AMM, inference", 4, 2, 8, 52, "shared", False, amm=True),
-                Case("MDT masked, training", 4, 2, 8, 64, "gathered", True),
-                Case("DiT, inference", 4, 2, 8, 72, "none", False)]
+        return [Case("EDT-S/2 tiny, inference", 4, 2, 8, 52, "shared", False),
+                Case("EDT-S/2 tiny, training", 4, 2, 8, 52, "shared", True),
+                Case("EDT-S/2 tiny AMM, inference", 4, 2, 8, 52, "shared", False, amm=True),
+                Case("MDTv2 tiny masked, training", 4, 2, 8, 64, "gathered", True),
+                Case("DiT tiny, inference", 4, 2, 8, 72, "none", False)]
     return [
         Case("EDT-S/2 stage 0, inference", 256, 6, 16, 52, "shared", False),
         Case("EDT-S/2 stage 1, inference", 256, 8, 8, 52, "shared", False),
@@ -72,6 +80,12 @@ def pad_last(tensors, width):
     return [F.pad(tensor, (0, width - tensor.shape[-1])) for tensor in tensors]
 
 
+FLEX = "flex"
+CUDNN = "cudnn"
+# Compiled FlexAttention specialises on every shape and dtype; the cases need more graphs than the default 8.
+FLEX_GRAPHS = 128
+
+
 def candidates(case, device_type, dtype):
     """{name: (kernel, head width or None for explicit, fn(q, k, v, bias, amm, scale))}. The
     log-sum-exp kernels are called directly, without SDPA's checks: only at widths they take."""
@@ -80,13 +94,73 @@ def candidates(case, device_type, dtype):
     widths = sorted({case.head_dim, 56, 64} - {width for width in (56, 64) if width < case.head_dim})
     for width in widths:
         label = "" if width == case.head_dim else f", padded to {width}"
+        # FlexAttention at power-of-two widths (one compilation each), without a CPU backward.
+        with_flex = width & (width - 1) == 0 and (device_type == "cuda" or not case.training)
         if case.amm:
             if not case.training and width == padded_head_width(width, device_type, dtype):
                 found[f"amm-lse{label}"] = (AMM_LSE, width, padded_call(amm_attention, case.head_dim, width))
+            if not case.training and with_flex:
+                found[f"amm-lse, flex{label}"] = (FLEX, width, padded_call(amm_with(flex_with_lse), case.head_dim, width))
+            if not case.training and device_type == "cuda":
+                found[f"amm-lse, cudnn{label}"] = (CUDNN, width,
+                                                   padded_call(amm_with(cudnn_with_lse), case.head_dim, width))
         else:
             found[f"sdpa{label}"] = (SDPA, width, padded_call(
                 lambda q, k, v, bias, amm, scale: sdpa_attention(q, k, v, bias, scale), case.head_dim, width))
+            if with_flex:
+                found[f"flex{label}"] = (FLEX, width, padded_call(
+                    lambda q, k, v, bias, amm, scale: flex_with_lse(q, k, v, bias, scale)[0], case.head_dim, width))
+            if device_type == "cuda":
+                found[f"cudnn{label}"] = (CUDNN, width, padded_call(cudnn_attention, case.head_dim, width))
     return found
+
+
+@functools.cache
+def flex_kernel(device_type):
+    if device_type != "cuda":
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+        return flex_attention  # eager: unfused, its values only
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_GRAPHS)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def bias_score_mod(bias):
+    """The score function adding bias (1 or B, heads, T, T) to q k^T scale."""
+    if bias is None:
+        return None
+    per_sample = bias.shape[0] > 1
+
+    def add_bias(score, b, h, q_index, kv_index):
+        return score + bias[b if per_sample else 0, h, q_index, kv_index]
+    return add_bias
+
+
+def flex_with_lse(q, k, v, bias, scale):
+    """(attention (B, heads, T, D), its log-sum-exp (B, heads, T)) from FlexAttention."""
+    out, aux = flex_kernel(q.device.type)(q, k, v, score_mod=bias_score_mod(bias), scale=scale,
+                                          return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def cudnn_attention(q, k, v, bias, amm, scale):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return sdpa_attention(q, k, v, bias, scale)
+
+
+def cudnn_with_lse(q, k, v, bias, scale):
+    mask = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, True, scale=scale)[:2]
+    return out, lse.reshape(q.shape[:-1])
+
+
+def amm_with(attention_with_lse):
+    """The AMM as amm_attention computes it, from another kernel that returns the log-sum-exp."""
+    def call(q, k, v, bias, amm, scale):
+        modulated_bias = amm.log() if bias is None else bias + amm.log()
+        modulated, modulated_lse = attention_with_lse(q, k, v, modulated_bias, scale)
+        _, lse = attention_with_lse(q, k, v, bias, scale)
+        return (modulated * torch.exp(modulated_lse - lse).unsqueeze(-1)).to(q.dtype)
+    return call
 
 
 def padded_call(kernel, head_dim, width):
@@ -178,9 +252,9 @@ def measure(case, dtype_name, device, repeats, batch_size=None):
 #                                   Report                                      #
 #################################################################################
 
-def table(rows):
+def table(rows, header=True):
     lines = ["| case | batch | dtype | candidate | ms | rel. error vs fp32 explicit | chosen |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"] if header else []
     for row in rows:
         timing = f"{row['ms']:.3f}" if "ms" in row else f"not run: {row['error']}"
         error = f"{row['relative_error']:.1e}" if "relative_error" in row else ""
@@ -196,6 +270,7 @@ def parse_args(argv=None):
                         help="default: fp32 and bf16 on CUDA (fp16 too), fp32 on the CPU")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a quick check)")
     parser.add_argument("--batch-size", type=int, default=None, help="every case at this batch size")
+    parser.add_argument("--only", default="", help="the cases whose name holds this text, e.g. EDT-S/2")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None, help="folder for attention_kernels.md and .json")
     args = parser.parse_args(argv)
@@ -208,10 +283,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    rows = [row for case in cases(args.tiny) for dtype in args.dtypes
-            for row in measure(case, dtype, device, args.repeats, args.batch_size)]
+    rows = []
+    print(table(rows), flush=True)
+    for case in [case for case in cases(args.tiny) if args.only in case.name]:
+        for dtype in args.dtypes:
+            measured = measure(case, dtype, device, args.repeats, args.batch_size)
+            print(table(measured, header=False), flush=True)  # a run cut short keeps what it printed
+            rows += measured
     report = table(rows)
-    print(report)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         for name, text in (("attention_kernels.md", report + "\n"), ("attention_kernels.json", json.dumps(rows, indent=2))):

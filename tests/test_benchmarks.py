@@ -256,7 +256,11 @@ if [ "$2" = "pip" ]; then exit 1; fi  # no wheels to install
 echo "$*" >> "$CALLS"
 out="$(echo "$*" | sed -E 's/.*--out ([^ ]+).*/\\1/')"
 mkdir -p "$out/traces" && touch "$out/traces/case.json.gz"
-case "$2" in benchmarks.gpu_profile) echo profile > "$out/profile.md" ;; *) echo protocol > "$out/protocol.md" ;; esac
+case "$2" in
+  benchmarks.gpu_profile) echo profile > "$out/profile.md" ;;
+  benchmarks.attention_kernels) echo attention > "$out/attention_kernels.md" ;;
+  *) echo protocol > "$out/protocol.md" ;;
+esac
 """
 
 
@@ -276,11 +280,11 @@ def test_gpu_session_runs_each_benchmark_in_turn_and_brings_back_five_files(tmp_
     out = tmp_path / "out"
     assert run_gpu_session(tmp_path, str(out), "release_checkout").returncode == 0
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol", "benchmarks.gpu_profile",
-                                                   "benchmarks.gpu_protocol"]
+    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol", "benchmarks.attention_kernels",
+                                                   "benchmarks.gpu_profile"]
     assert "--release-code release_checkout" in calls[0] and "--cuda-graphs" not in calls[0]  # no GPU here
-    assert "--compile" in calls[2] and all(call.endswith("--tiny --device cpu") for call in calls)
-    assert sorted(os.listdir(out)) == ["profile.md", "protocol.md", "protocol_compiled.md", "session.log",
+    assert "--only EDT-S/2" in calls[1] and all(call.endswith("--tiny --device cpu") for call in calls)
+    assert sorted(os.listdir(out)) == ["attention_kernels.md", "profile.md", "protocol.md", "session.log",
                                        "session.tar.gz"]
     assert (out / "profile.md").read_text() == "profile\n"
     with tarfile.open(out / "session.tar.gz") as archive:
@@ -309,4 +313,9 @@ def test_attention_kernel_benchmark_checks_every_candidate_and_marks_the_choice(
         assert sum(row["chosen"] for row in case_rows) == 1
         assert {"explicit"} < {row["candidate"] for row in case_rows}
         assert all(row["relative_error"] < 1e-5 and row["ms"] > 0 for row in case_rows)
+    flex = {row["case"] for row in rows if "flex" in row["candidate"]}
+    assert flex == {"EDT-S/2 tiny, inference", "EDT-S/2 tiny AMM, inference"}  # no CPU backward; DiT's 72 is odd
+    assert not any(row["chosen"] or "cudnn" in row["candidate"] for row in rows if "flex" in row["candidate"])
     assert (tmp_path / "attention_kernels.md").read_text().count("| yes |") == len({row["case"] for row in rows})
+    amm_only = attention_kernels.main(["--device", "cpu", "--tiny", "--repeats", "1", "--only", "AMM"])
+    assert {row["case"] for row in amm_only} == {"EDT-S/2 tiny AMM, inference"}
