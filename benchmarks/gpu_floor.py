@@ -21,8 +21,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -59,8 +57,8 @@ def attention_flops(q, k):
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Per kernel-running operator: (name, bytes moved, FLOPs, output dtype). A fused attention
-    (`attention`) is one operator whatever the path it takes without a GPU."""
+    """Per kernel-running operator: (name, bytes moved, FLOPs, output dtype), a fused attention
+    call as one whatever the path it takes without a GPU."""
 
     def __init__(self):
         super().__init__()
@@ -84,38 +82,20 @@ class TrafficCounter(TorchDispatchMode):
     def record(self, name, moved, flops, dtype):
         self.operators.append((name, moved, flops, dtype))
 
-    @contextlib.contextmanager
-    def attention(self):
-        self.inside_attention = True
-        try:
-            yield
-        finally:
-            self.inside_attention = False
-
-
-class FusedAttentionTraffic(TorchFunctionMode):
-    def __init__(self, counter):
-        super().__init__()
-        self.counter = counter
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        with self.counter.attention():
-            out = func(*args, **kwargs)
+    def fused_attention(self, attention, args, kwargs):
+        out = launch_count.run_hidden(self, attention, args, kwargs)
         q, k, v = args[:3]
         mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
         operands = [q, k, v, out] + ([mask] if mask is not None else [])
-        self.counter.record("scaled_dot_product_attention", sum(map(addressed_bytes, operands)),
-                            attention_flops(q, k), out.dtype)
+        self.record("scaled_dot_product_attention", sum(map(addressed_bytes, operands)), attention_flops(q, k),
+                    out.dtype)
         return out
 
 
 @contextlib.contextmanager
 def counting_traffic():
     counter = TrafficCounter()
-    with FusedAttentionTraffic(counter), counter:
+    with launch_count.FusedAttentionAsOne(counter), counter:
         yield counter
 
 

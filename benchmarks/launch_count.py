@@ -47,8 +47,7 @@ DEFAULT_MODELS = ("EDT-S/2", "MDTv2-S/2")
 
 
 class LaunchCounter(TorchDispatchMode):
-    """Counts kernel-running operators by name; `attention` counts a fused attention call as one
-    and hides the operators of the path it takes without a GPU."""
+    """Counts kernel-running operators by name, a fused attention call as one."""
 
     def __init__(self):
         super().__init__()
@@ -61,25 +60,32 @@ class LaunchCounter(TorchDispatchMode):
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
 
-    @contextlib.contextmanager
-    def attention(self):
+    def fused_attention(self, attention, args, kwargs):
         self.counts["scaled_dot_product_attention"] += 1
-        self.inside_attention = True
-        try:
-            yield
-        finally:
-            self.inside_attention = False
+        return run_hidden(self, attention, args, kwargs)
+
+
+def run_hidden(observer, attention, args, kwargs):
+    """attention(*args, **kwargs) with the observer blind to the operators of the path it takes
+    without a GPU."""
+    observer.inside_attention = True
+    try:
+        return attention(*args, **kwargs)
+    finally:
+        observer.inside_attention = False
 
 
 class FusedAttentionAsOne(TorchFunctionMode):
-    def __init__(self, counter):
+    """Hands each scaled_dot_product_attention call to `observer.fused_attention(attention, args,
+    kwargs)`, which runs it as one kernel would."""
+
+    def __init__(self, observer):
         super().__init__()
-        self.counter = counter
+        self.observer = observer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
-            with self.counter.attention():
-                return func(*args, **(kwargs or {}))
+            return self.observer.fused_attention(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
 
