@@ -4,8 +4,8 @@ FLOPs and launches, and the floor these set on its time at a GPU's memory bandwi
     python -m benchmarks.gpu_floor --out results/floor --measured docs/h200/protocol.json
     python -m benchmarks.gpu_floor --out /tmp/floor --models EDT-S/2 --batch 2 --latent-size 16
 
-The forward dispatches as on CUDA, through fake CUDA tensors (benchmarks/launch_count.py), with
-CUDA's autocast in bf16. Each kernel-running operator moves its operands and results once (what a
+The forward dispatches as on CUDA, through fake CUDA tensors (benchmarks/launch_count.py), in
+float32 or under CUDA's autocast. Each kernel-running operator moves its operands and results once (what a
 broadcast operand addresses, once; a fused attention reads q, k, v and its mask and writes its
 output) and takes max(bytes / bandwidth, FLOPs / matmul rate): a floor no kernel beats, ideal
 caches included. The float32 rate applies to float32 matmuls (TF32 off), the matmul rate to the
