@@ -114,14 +114,15 @@ def efficient_kernel_bias(bias, q, k):
     return bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-def amm_attention(q, k, v, bias, amm, scale):
-    """softmax(s) * amm @ v with s = q k^T scale + bias, from two fused passes with log-sum-exp.
-    amm: (T, T) or broadcastable to (B, heads, T, T), zero where no attention is allowed (every
-    row keeps its diagonal, so no row is empty)."""
+def amm_attention(q, k, v, bias, amm, scale, with_lse=attention_with_lse):
+    """softmax(s) * amm @ v with s = q k^T scale + bias, from two fused passes of `with_lse(q, k,
+    v, bias, scale)`, which returns the attention and its log-sum-exp. amm: (T, T) or
+    broadcastable to (B, heads, T, T), zero where no attention is allowed (every row keeps its
+    diagonal, so no row is empty)."""
     log_amm = amm.log()
     modulated_bias = log_amm if bias is None else bias + log_amm
-    modulated, modulated_lse = attention_with_lse(q, k, v, modulated_bias, scale)
-    _, lse = attention_with_lse(q, k, v, bias, scale)
+    modulated, modulated_lse = with_lse(q, k, v, modulated_bias, scale)
+    _, lse = with_lse(q, k, v, bias, scale)
     renormalisation = torch.exp(modulated_lse - lse).unsqueeze(-1)  # (B, heads, T, 1), sum of the modulated probabilities
     # The float32 product rounded to q's dtype as it is written: one pass instead of a product and a cast.
     out = torch.empty_like(modulated, dtype=q.dtype)
