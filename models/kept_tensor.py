@@ -27,11 +27,33 @@ class KeptTensor:
             return derive()
         return self.get(parameters, derive, context)
 
+    def forget(self):
+        """Frees the kept tensor; the next `get` derives it again."""
+        self.__init__()
+
     def __getstate__(self):
         return {}
 
     def __setstate__(self, state):
         self.__init__()
+
+
+def kept_tensors(module):
+    """Every KeptTensor of module and its submodules, held as an attribute or in a dict attribute."""
+    for submodule in module.modules():
+        for value in vars(submodule).values():
+            for candidate in value.values() if isinstance(value, dict) else (value,):
+                if isinstance(candidate, KeptTensor):
+                    yield candidate
+
+
+def forget_kept_tensors(module):
+    """Frees what module keeps for inference (autocast casts, packed and padded weights, gathered
+    biases), e.g. an EMA model's between evaluations during training: the EMA update changes its
+    parameters at every step, so the next evaluation derives them again anyway, and for EDT-XL/2
+    in bf16 they hold about 1.4 GB."""
+    for kept in kept_tensors(module):
+        kept.forget()
 
 
 def inference_autocast_dtype(device_type):

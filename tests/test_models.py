@@ -20,6 +20,7 @@ from models import (ALL_MODELS, EDT_models, build_model, count_macs, count_train
 from models import attention as attention_module
 from models.dit import DiT
 from models.edt import EDT
+from models.kept_tensor import forget_kept_tensors, kept_tensors
 from runtime.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "reference")
@@ -388,6 +389,25 @@ def test_kept_inference_tensors_follow_every_change_of_their_parameters():
         torch.testing.assert_close(model(x.double(), t, y), before.double(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(changed, before)
     assert bias().requires_grad  # with autograd, gathered afresh
+
+
+def test_forgetting_kept_tensors_frees_them_and_changes_no_output():
+    model = randomize(tiny_edt()).eval()
+    x, t, y = model_inputs()
+    with torch.no_grad():
+        fp32 = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x, t, y)
+        fc1 = model.blocks[0].mlp.fc1
+        some = [fc1.packed_weight, fc1.autocast_parameters, model.blocks[0].attn.rel_pos_bias.kept_bias,
+                *model.kept_modulation_weights.values()]
+        assert all(kept.tensor is not None for kept in some)
+        assert {id(kept) for kept in some} <= {id(kept) for kept in kept_tensors(model)}
+        forget_kept_tensors(model)
+        assert all(kept.tensor is None for kept in kept_tensors(model))
+        torch.testing.assert_close(model(x, t, y), fp32, rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model(x, t, y), bf16, rtol=0, atol=0)
 
 
 #################################################################################

@@ -14,6 +14,7 @@ import evaluation_standin_graph as standin
 import train_mask_adan
 import training.evaluation
 from evaluations.inception import GRAPH_FILENAME
+from models.kept_tensor import kept_tensors
 from runtime.checkpoint import read_checkpoint
 from test_train import REPO_ROOT, TINY_EDT, assert_same_tree, checkpoint_files, expect_error, write_features
 
@@ -66,8 +67,9 @@ def read_history(experiment):
 
 def test_fid_is_logged_kept_and_continued_on_resume(features, evaluation_files, tmp_path):
     results = tmp_path / "results"
-    train_mask_adan.main(train_options(features, results, "--max-steps", "4", "--ckpt-every", "2",
-                                       *evaluation_options(evaluation_files)))
+    state = train_mask_adan.main(train_options(features, results, "--max-steps", "4", "--ckpt-every", "2",
+                                               *evaluation_options(evaluation_files)))
+    assert all(kept.tensor is None for kept in kept_tensors(state.ema))  # freed for the training steps
     files, experiment = checkpoint_files(results)
     history = read_history(experiment)
     assert [entry["step"] for entry in history] == [2, 4]

@@ -21,6 +21,7 @@ from evaluations import metrics
 from evaluations.inception import POOL_DIM, SPATIAL_DIM, InceptionGraphNotFound, find_inception_graph
 from evaluations.npz_batches import ImageBatchFile, NpzFormatError, read_precomputed_statistics
 from evaluations.torch_inception import TorchInception
+from models.kept_tensor import forget_kept_tensors
 from runtime import vae as vae_lib
 from runtime.cli import require_at_least
 from runtime.distributed import split_range
@@ -191,7 +192,7 @@ class TrainingEvaluator:
         """(indices, features, error) of this process. Sampling draws only from per-image
         generators, but the global generators are restored anyway, so that a resumed run stays
         bit-exact whether or not it evaluated; the EMA model samples in eval mode (no label
-        dropout, AMM on)."""
+        dropout, AMM on), and what it kept for inference is freed for the training steps."""
         indices = list(split_range(self.num_images, self.run.rank, self.run.world_size))
         cuda = [self.run.device] if self.run.device.type == "cuda" else []
         was_training = ema.training
@@ -203,6 +204,7 @@ class TrainingEvaluator:
             return indices, None, f"process {self.run.rank}: {type(error).__name__}: {error}"
         finally:
             ema.train(was_training)
+            forget_kept_tensors(ema)
 
     def __call__(self, state):
         """Evaluates at state.step; every process must call it (it gathers features)."""
