@@ -7,11 +7,12 @@ explicit path in float32: the measurements behind `models.attention_kernels.choo
 For every case (model, stage, batch, mode) and dtype it times the explicit path and every fused
 candidate (SDPA at the head's width and zero-padded to 56 or 64, the AMM through two
 log-sum-exp passes), forward only at inference and forward plus backward in training, and
-marks the candidate that `choose_attention_kernel` takes. Two more candidates, not yet taken by
-any model, are measured beside them: FlexAttention (the bias added in its score function,
-compiled on CUDA; on the CPU eager and at inference only, a check of its values) and, on CUDA,
-cuDNN's fused attention, each also for the AMM through their log-sum-exp. A candidate the
-device cannot run is reported as such.
+marks the candidate that `choose_attention_kernel` takes. Two more candidates, taken by no default
+yet, are measured beside them: FlexAttention (the models' flex path, which
+`flex_attention_at_inference` turns on: the bias added in its score function, compiled on CUDA;
+on the CPU eager and at inference only, a check of its values) and, on CUDA, cuDNN's fused
+attention, each also for the AMM through their log-sum-exp. A candidate the device cannot run is
+reported as such.
 """
 import argparse
 import dataclasses
@@ -21,18 +22,16 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.attention import attention_modulation_matrix, gather_token_pairs  # noqa: E402
-from models.attention_kernels import (AMM_LSE, SDPA, amm_attention, choose_attention_kernel,  # noqa: E402
-                                      explicit_attention, padded_head_width, sdpa_attention)
+from models.attention_kernels import (AMM_LSE, FLEX, SDPA, amm_attention, choose_attention_kernel,  # noqa: E402
+                                      explicit_attention, flex_with_lse, padded_head_width, sdpa_attention)
 from runtime.io import atomic_path  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,10 +79,7 @@ def pad_last(tensors, width):
     return [F.pad(tensor, (0, width - tensor.shape[-1])) for tensor in tensors]
 
 
-FLEX = "flex"
 CUDNN = "cudnn"
-# Compiled FlexAttention specialises on every shape and dtype; the cases need more graphs than the default 8.
-FLEX_GRAPHS = 128
 
 
 def candidates(case, device_type, dtype):
@@ -94,8 +90,9 @@ def candidates(case, device_type, dtype):
     widths = sorted({case.head_dim, 56, 64} - {width for width in (56, 64) if width < case.head_dim})
     for width in widths:
         label = "" if width == case.head_dim else f", padded to {width}"
-        # FlexAttention at power-of-two widths (one compilation each), without a CPU backward.
-        with_flex = width & (width - 1) == 0 and (device_type == "cuda" or not case.training)
+        # FlexAttention at the width the models give it and at 64 (a compilation each), without a CPU backward.
+        flex_widths = (padded_head_width(case.head_dim, device_type, dtype), 64)
+        with_flex = width in flex_widths and (device_type == "cuda" or not case.training)
         if case.amm:
             if case.training:
                 continue  # the AMM in training runs explicit: no fused kernel differentiates its log-sum-exp
@@ -115,33 +112,6 @@ def candidates(case, device_type, dtype):
             if device_type == "cuda":
                 found[f"cudnn{label}"] = (CUDNN, width, padded_call(cudnn_attention, case.head_dim, width))
     return found
-
-
-@functools.cache
-def flex_kernel(device_type):
-    if device_type != "cuda":
-        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-        return flex_attention  # eager: unfused, its values only
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_GRAPHS)
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def bias_score_mod(bias):
-    """The score function adding bias (1 or B, heads, T, T) to q k^T scale."""
-    if bias is None:
-        return None
-    per_sample = bias.shape[0] > 1
-
-    def add_bias(score, b, h, q_index, kv_index):
-        return score + bias[b if per_sample else 0, h, q_index, kv_index]
-    return add_bias
-
-
-def flex_with_lse(q, k, v, bias, scale):
-    """(attention (B, heads, T, D), its log-sum-exp (B, heads, T)) from FlexAttention."""
-    out, aux = flex_kernel(q.device.type)(q, k, v, score_mod=bias_score_mod(bias), scale=scale,
-                                          return_aux=AuxRequest(lse=True))
-    return out, aux.lse
 
 
 def cudnn_attention(q, k, v, bias, amm, scale):

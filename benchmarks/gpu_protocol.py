@@ -12,7 +12,10 @@ the full-token and the masked loss (ours as one fused forward of 2B samples, MDT
 release's as two passes), Adan and the EMA update. Each pair is measured interleaved (A, B, A, B,
 ...) after warm-up; medians. fp32 is IEEE float32 matmuls (TF32 off), bf16 is autocast. A
 training step's TFLOP/s counts 6 x MACs (forward and backward) of its passes, and is set against
-the bf16 matmul rate measured in the same run. Writes OUT/protocol.md and OUT/protocol.json.
+the bf16 matmul rate measured in the same run. `--attention-kernel flex` runs our models'
+inference attention (checks included) through FlexAttention instead of the kernels
+`choose_attention_kernel` takes by default, to measure it against them: a second run of the
+same comparisons. Writes OUT/protocol.md and OUT/protocol.json.
 """
 import argparse
 import contextlib
@@ -31,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
 from benchmarks import speed  # noqa: E402
+from models.attention_kernels import flex_attention_at_inference  # noqa: E402
 from models.mdt import MEAN_KEPT_FRACTION, TRAINING_MASK_RATIO  # noqa: E402
 from runtime.cuda_graphs import CUDAGraphed  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
@@ -43,6 +47,7 @@ PAPER_RATIOS = {("inference", "MDTv2-S/2"): 2.29, ("inference", "MDTv2-B/2"): 2.
                 ("inference", "DiT-S/2"): 2.04}
 SIZES = ("S", "B", "XL")
 PRECISIONS = ("fp32", "tf32", "bf16")
+ATTENTION_KERNELS = ("default", "flex")
 MATMUL_SIDE = {"cuda": 8192, "cpu": 1024}
 # --tiny: custom models of EDT's 52-wide heads, small enough for two CPU cores.
 TINY_LATENT = 16
@@ -313,7 +318,8 @@ def markdown(result):
     settings = result["settings"]
     lines = [f"Device: {settings['device_name']}; torch {settings['torch']}; inference batch "
              f"{settings['inference_batch']}, training batch {settings['training_batch']}, latent "
-             f"{settings['input_size']}; compile: {settings['compile']}; bf16 matmul rate measured: "
+             f"{settings['input_size']}; compile: {settings['compile']}; attention at inference: "
+             f"{settings['attention_kernel']}; bf16 matmul rate measured: "
              f"{result['matmul_tflops']:.1f} TFLOP/s", "",
              "| measurement | precision | EDT | ms | compared with | ms | ratio | paper | MAC ratio | "
              "EDT TFLOP/s (of matmul rate) | other TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -372,6 +378,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile our models' blocks (not the release's)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also our models' inference replayed from CUDA graphs (CUDA only)")
+    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="default",
+                        help="flex: our models' inference attention through FlexAttention (training unchanged)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     check_device_arguments(args)
@@ -387,13 +395,14 @@ def main(argv=None):
     device = torch.device(args.device)
     started = time.perf_counter()
     result = {"settings": settings_record(args, device), "matmul_tflops": matmul_tflops(device), "rows": []}
-    result["checks"] = correctness_checks(args, device)
-    for comparison in comparisons(args):
-        for precision in args.precisions:
-            summaries = measure_pair(comparison, precision, args, device)
-            result["rows"].append(row_for(comparison, precision, summaries, result["matmul_tflops"]))
-            print(markdown_row_line(result["rows"][-1]), flush=True)
-        release_memory(device)
+    with flex_attention_at_inference(args.attention_kernel == "flex"):
+        result["checks"] = correctness_checks(args, device)
+        for comparison in comparisons(args):
+            for precision in args.precisions:
+                summaries = measure_pair(comparison, precision, args, device)
+                result["rows"].append(row_for(comparison, precision, summaries, result["matmul_tflops"]))
+                print(markdown_row_line(result["rows"][-1]), flush=True)
+            release_memory(device)
     result["seconds"] = time.perf_counter() - started
     write_report(result, markdown(result), args.out, "protocol")
     print(markdown(result))

@@ -12,7 +12,14 @@ the Attention Modulation Matrix (AMM) where one is given, without renormalising:
 - amm-lse: the AMM as part of the bias, with the softmax's normaliser put back:
   softmax(s) * M = softmax(s + log M) * exp(lse(s + log M) - lse(s)), from two fused passes that
   return the log-sum-exp `lse` of each row.
+- flex: FlexAttention, the bias added in its score function, the AMM as amm-lse through its
+  log-sum-exp; compiled on CUDA, eager (unfused) on the CPU. Taken only at inference and only
+  where `flex_attention_at_inference` turns it on: it awaits its measurement on a GPU
+  (`benchmarks.gpu_protocol --attention-kernel flex`) before any default takes it.
 """
+import contextlib
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +28,17 @@ import torch.nn.functional as F
 EXPLICIT = "explicit"
 SDPA = "sdpa"
 AMM_LSE = "amm-lse"
-KERNELS = (EXPLICIT, SDPA, AMM_LSE)
+FLEX = "flex"
+KERNELS = (EXPLICIT, SDPA, AMM_LSE, FLEX)
 
 CUDA_VECTOR_BYTES = 16  # the fused CUDA kernels' load width
 HALF_PRECISION_BYTES = 2
 # The memory-efficient CUDA kernel reads the bias rows in aligned vectors of this many elements.
 EFFICIENT_BIAS_ALIGNMENT = 16
+# Compiled FlexAttention specialises on every shape and dtype it meets: each stage, batch and pass.
+FLEX_GRAPHS = 128
+
+flex_at_inference = False  # set by `flex_attention_at_inference`
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,11 @@ def choose_attention_kernel(device_type, dtype, head_dim, amm=False, bias_needs_
       explicit pass is as fast as two fused ones.
     - Otherwise sdpa, except for a CPU bias that needs its gradient (training EDT): the fused
       CPU kernel has no mask gradient, and SDPA's math fallback is slower than the explicit path.
+    - FlexAttention for every call without autograd, on any device, where
+      `flex_attention_at_inference` has turned it on.
     """
+    if flex_at_inference and not grad_enabled:
+        return KernelChoice(FLEX, padded_head_width(head_dim, device_type, dtype))
     if amm:
         if grad_enabled or device_type != "cuda" or dtype.itemsize > HALF_PRECISION_BYTES:
             return KernelChoice(EXPLICIT, head_dim)
@@ -127,6 +143,57 @@ def amm_attention(q, k, v, bias, amm, scale, with_lse=attention_with_lse):
     # The float32 product rounded to q's dtype as it is written: one pass instead of a product and a cast.
     out = torch.empty_like(modulated, dtype=q.dtype)
     return torch.mul(modulated, renormalisation, out=out)  # (B, heads, T, D)
+
+
+@contextlib.contextmanager
+def flex_attention_at_inference(enabled=True):
+    """Within it, inference attention runs through FlexAttention (see `choose_attention_kernel`)."""
+    global flex_at_inference
+    before, flex_at_inference = flex_at_inference, enabled
+    try:
+        yield
+    finally:
+        flex_at_inference = before
+
+
+@functools.cache
+def flex_kernel(device_type):
+    """flex_attention compiled for CUDA (for more shapes than dynamo's default limit); eager
+    elsewhere, also inside compiled code (the CPU's compiled kernel returns no log-sum-exp)."""
+    from torch.nn.attention.flex_attention import flex_attention  # on first use: its import takes 0.25 s
+    if device_type != "cuda":
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+        return torch.compiler.disable(flex_attention)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_GRAPHS)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def bias_score_mod(bias):
+    """The score function adding bias, broadcastable to (B, heads, T_q, T_k), to q k^T scale. It
+    indexes the bias's own (1 or B, 1 or heads) leading dimensions, so a kernel reads it as stored."""
+    if bias is None:
+        return None
+    bias = bias[(None,) * (4 - bias.dim())]  # (1 or B, 1 or heads, T_q, T_k)
+    per_sample, per_head = bias.shape[0] > 1, bias.shape[1] > 1
+
+    def add_bias(score, batch, head, q_index, kv_index):
+        return score + bias[batch if per_sample else 0, head if per_head else 0, q_index, kv_index]
+    return add_bias
+
+
+def flex_with_lse(q, k, v, bias, scale):
+    """(attention (B, heads, T, D), its log-sum-exp (B, heads, T)) from FlexAttention."""
+    from torch.nn.attention.flex_attention import AuxRequest
+    out, aux = flex_kernel(q.device.type)(q, k, v, score_mod=bias_score_mod(bias), scale=scale,
+                                          return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def flex_inference_attention(q, k, v, bias, amm, scale):
+    """Attention (B, heads, T, D) through FlexAttention; its log-sum-exp only where an AMM needs it."""
+    if amm is None:
+        return flex_kernel(q.device.type)(q, k, v, score_mod=bias_score_mod(bias), scale=scale)
+    return amm_attention(q, k, v, bias, amm, scale, with_lse=flex_with_lse)
 
 
 #################################################################################

@@ -9,10 +9,12 @@ import torch
 import models.attention as attention_module
 from models import create_model, load_checkpoint
 from models.attention import attention_modulation_matrix, gather_token_pairs
-from models.attention_kernels import (AMM_LSE, EXPLICIT, SDPA, KernelChoice, amm_attention, attention_with_lse,
-                                      choose_attention_kernel, efficient_kernel_bias, explicit_attention, pad_heads,
-                                      padded_head_width, sdpa_attention)
-from models.mdt import TRAINING_MASK_RATIO
+import models.attention_kernels as kernels_module
+from models.attention_kernels import (AMM_LSE, EXPLICIT, FLEX, SDPA, KernelChoice, amm_attention, attention_with_lse,
+                                      choose_attention_kernel, efficient_kernel_bias, explicit_attention,
+                                      flex_attention_at_inference, flex_with_lse, pad_heads, padded_head_width,
+                                      sdpa_attention)
+from models.mdt import TRAINING_MASK_RATIO, MDTv2
 from runtime.checkpoint import save_checkpoint
 from test_models import (REFERENCE_DIR, deterministic_state_dict, model_inputs, randomize, tiny_dit,
                          tiny_edt)
@@ -43,6 +45,19 @@ def test_sdpa_equals_explicit(head_dim, bias_shape):
     scale = head_dim ** -0.5
     expected = explicit_attention(q, k, v, bias, None, scale)
     assert relative_error(sdpa_attention(q, k, v, bias, scale), expected) < RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("bias_shape", [None, "grid", "shared", "per_sample"])
+def test_flex_attention_and_its_log_sum_exp_equal_explicit(bias_shape):
+    batch, heads, tokens, head_dim = 3, 4, 64, 52
+    q, k, v = qkv(batch, heads, tokens, head_dim, seed=5)
+    bias = {None: None, "grid": torch.randn(tokens, tokens), "shared": torch.randn(1, heads, tokens, tokens),
+            "per_sample": torch.randn(batch, heads, tokens, tokens)}[bias_shape]
+    scale = head_dim ** -0.5
+    scores = (q * scale) @ k.transpose(-2, -1) + (0 if bias is None else bias)
+    out, lse = flex_with_lse(q, k, v, bias, scale)
+    assert relative_error(out, explicit_attention(q, k, v, bias, None, scale)) < RELATIVE_TOLERANCE
+    assert relative_error(lse, scores.logsumexp(-1)) < RELATIVE_TOLERANCE
 
 
 @pytest.mark.parametrize("grid, variant", [(16, "256"), (8, "256"), (8, "512"), (3, "256")])
@@ -126,6 +141,15 @@ def test_kernel_choice_by_device_dtype_width_and_mask():
     assert choose_attention_kernel("cpu", fp32, 52, bias_needs_grad=True, grad_enabled=True) == KernelChoice(EXPLICIT, 52)
     assert choose_attention_kernel("cpu", fp32, 64, grad_enabled=True) == KernelChoice(SDPA, 64)  # DiT trains fused
     assert choose_attention_kernel("cpu", fp32, 52, amm=True) == KernelChoice(EXPLICIT, 52)
+    with flex_attention_at_inference():  # at inference only, wherever it is turned on
+        assert choose_attention_kernel("cuda", bf16, 52, amm=True) == KernelChoice(FLEX, 56)
+        assert choose_attention_kernel("cuda", fp32, 52) == KernelChoice(FLEX, 52)
+        assert choose_attention_kernel("cpu", fp32, 52, amm=True) == KernelChoice(FLEX, 52)
+        assert choose_attention_kernel("cuda", bf16, 52, grad_enabled=True) == KernelChoice(SDPA, 56)
+        with flex_attention_at_inference(False):
+            assert choose_attention_kernel("cuda", bf16, 52) == KernelChoice(SDPA, 56)
+        assert choose_attention_kernel("cuda", bf16, 52) == KernelChoice(FLEX, 56)
+    assert choose_attention_kernel("cuda", bf16, 52) == KernelChoice(SDPA, 56)
     assert [padded_head_width(52, "cuda", dtype) for dtype in (bf16, fp16, fp32)] == [56, 56, 52]
 
 
@@ -217,6 +241,35 @@ def test_forced_paths_equal_explicit_at_inference(monkeypatch, path, build):
         assert relative_error(model(*inputs), expected) < RELATIVE_TOLERANCE  # with the kept padded weights
 
 
+@pytest.mark.parametrize("build", [
+    lambda: tiny_edt(amm_blocks=[1, 3]), lambda: tiny_dit(amm_blocks=[1, 3]),
+    lambda: create_model("MDTv2", input_size=16, hidden_size=48, depth=4, num_heads=4, decode_layer=2, num_classes=10),
+], ids=["edt", "dit", "mdt"])
+def test_flex_attention_at_inference_equals_explicit_and_leaves_training_alone(monkeypatch, build):
+    model = randomize(build()).eval()
+    inputs = model_inputs()
+    calls = []
+    flex_call = attention_module.flex_inference_attention
+    monkeypatch.setattr(attention_module, "flex_inference_attention",
+                        lambda *args: calls.append(args[4] is not None) or flex_call(*args))
+    with torch.no_grad():
+        model.set_fast_paths(False)
+        expected = model(*inputs)
+        model.set_fast_paths(True)
+        attention_calls = []
+        for module in model.modules():
+            if isinstance(module, attention_module.Attention):
+                module.register_forward_hook(lambda module, args, out: attention_calls.append(module.amm_active()))
+        with flex_attention_at_inference():
+            out = model(*inputs)
+    assert calls == attention_calls and any(calls) == (not isinstance(model, MDTv2))  # every call, AMM blocks too
+    assert relative_error(out, expected) < RELATIVE_TOLERANCE
+    flex_calls = len(calls)
+    with flex_attention_at_inference():
+        model.train()(*inputs)
+    assert len(calls) == flex_calls and len(attention_calls) > flex_calls  # autograd keeps the default kernels
+
+
 def test_padded_path_in_bf16_stays_close_to_fp32(monkeypatch):
     model = randomize(tiny_edt(amm_blocks=[1])).eval()
     inputs = model_inputs()
@@ -228,13 +281,16 @@ def test_padded_path_in_bf16_stays_close_to_fp32(monkeypatch):
     assert relative_error(out.float(), expected) < 3e-2
 
 
-@pytest.mark.parametrize("path", list(FORCED_PATHS))
+@pytest.mark.parametrize("path", [*FORCED_PATHS, FLEX])
 def test_released_edt_s_outputs_through_each_path(monkeypatch, path, tmp_path):
     reference = torch.load(os.path.join(REFERENCE_DIR, "edt_s_reference_outputs.pt"), weights_only=True)
     model = create_model("EDT-S/2")
     save_checkpoint(deterministic_state_dict(model), tmp_path / "weights.pt")
     load_checkpoint(model, tmp_path / "weights.pt")
-    force_kernel(monkeypatch, *FORCED_PATHS[path])
+    if path == FLEX:
+        monkeypatch.setattr(kernels_module, "flex_at_inference", True)
+    else:
+        force_kernel(monkeypatch, *FORCED_PATHS[path])
     with torch.no_grad():
         out = model.eval()(reference["x"], reference["t"], reference["y"])
         guided = model.forward_with_cfg(reference["x_cfg"], reference["t_cfg"], reference["y_cfg"],

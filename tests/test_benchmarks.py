@@ -9,6 +9,8 @@ import tarfile
 import pytest
 import torch
 
+import models.attention
+import models.attention_kernels
 from benchmarks import attention_kernels, compare_trees, gpu_floor, gpu_profile, gpu_protocol, launch_count, speed
 from benchmarks.plain_dit import plain_dit_like
 from diffusion import create_diffusion, create_named_schedule_sampler
@@ -182,6 +184,19 @@ def test_gpu_protocol_tiny_on_cpu_writes_the_table_with_ratios_and_checks(tmp_pa
     assert json.loads((tmp_path / "out" / "protocol.json").read_text())["rows"][0]["ratio"] == result["rows"][0]["ratio"]
 
 
+def test_gpu_protocol_measures_inference_through_flex_attention_when_asked(tmp_path, monkeypatch):
+    calls = []
+    flex_call = models.attention.flex_inference_attention
+    monkeypatch.setattr(models.attention, "flex_inference_attention", lambda *args: calls.append(1) or flex_call(*args))
+    result = gpu_protocol.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--attention-kernel", "flex",
+                                "--measurements", "inference", "--precisions", "fp32", "--warmup", "0",
+                                "--repeats", "1"])
+    assert [row["other"] for row in result["rows"]] == ["MDTv2-S/2", "DiT-S/2"] and calls
+    assert max(value for name, value in result["checks"].items() if "vs plain, inference" in name) < 1e-5
+    assert "attention at inference: flex" in (tmp_path / "protocol.md").read_text()
+    assert not models.attention_kernels.flex_at_inference  # turned off again
+
+
 def test_gpu_protocol_refuses_a_folder_without_the_release_model(tmp_path):
     with pytest.raises(SystemExit, match="has no models_edt.py"):
         gpu_protocol.parse_args(["--out", str(tmp_path), "--release-code", str(tmp_path)])
@@ -276,16 +291,17 @@ def run_gpu_session(tmp_path, *args, has_diffusers=True):
                           env=env, capture_output=True, text=True)
 
 
-def test_gpu_session_runs_each_benchmark_in_turn_and_brings_back_five_files(tmp_path):
+def test_gpu_session_runs_each_benchmark_in_turn_and_brings_back_six_files(tmp_path):
     out = tmp_path / "out"
     assert run_gpu_session(tmp_path, str(out), "release_checkout").returncode == 0
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol", "benchmarks.attention_kernels",
-                                                   "benchmarks.gpu_profile"]
+    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol", "benchmarks.gpu_protocol",
+                                                   "benchmarks.attention_kernels", "benchmarks.gpu_profile"]
     assert "--release-code release_checkout" in calls[0] and "--cuda-graphs" not in calls[0]  # no GPU here
-    assert "--only EDT-S/2" in calls[1] and all(call.endswith("--tiny --device cpu") for call in calls)
-    assert sorted(os.listdir(out)) == ["attention_kernels.md", "profile.md", "protocol.md", "session.log",
-                                       "session.tar.gz"]
+    assert "--attention-kernel flex" in calls[1] and "--release-code" not in calls[1]
+    assert "--only EDT-S/2" in calls[2] and all(call.endswith("--tiny --device cpu") for call in calls)
+    assert sorted(os.listdir(out)) == ["attention_kernels.md", "profile.md", "protocol.md", "protocol_flex.md",
+                                       "session.log", "session.tar.gz"]
     assert (out / "profile.md").read_text() == "profile\n"
     with tarfile.open(out / "session.tar.gz") as archive:
         names = archive.getnames()
@@ -314,7 +330,7 @@ def test_attention_kernel_benchmark_checks_every_candidate_and_marks_the_choice(
         assert {"explicit"} < {row["candidate"] for row in case_rows}
         assert all(row["relative_error"] < 1e-5 and row["ms"] > 0 for row in case_rows)
     flex = {row["case"] for row in rows if "flex" in row["candidate"]}
-    assert flex == {"EDT-S/2 tiny, inference", "EDT-S/2 tiny AMM, inference"}  # no CPU backward; DiT's 72 is odd
+    assert flex == {"EDT-S/2 tiny, inference", "EDT-S/2 tiny AMM, inference", "DiT tiny, inference"}  # no CPU backward
     assert not any(row["chosen"] or "cudnn" in row["candidate"] for row in rows if "flex" in row["candidate"])
     assert (tmp_path / "attention_kernels.md").read_text().count("| yes |") == len({row["case"] for row in rows})
     amm_only = attention_kernels.main(["--device", "cpu", "--tiny", "--repeats", "1", "--only", "AMM"])
