@@ -1,16 +1,20 @@
-"""What one inference forward asks of a GPU, counted without one: the bytes its kernels move, their
-FLOPs and launches, and the floor these set on its time at a GPU's memory bandwidth and matmul rate.
+"""What one inference forward and one masked training step ask of a GPU, counted without one: the
+bytes their kernels move, their FLOPs and launches, and the floor these set on their time at a
+GPU's memory bandwidth and matmul rate.
 
     python -m benchmarks.gpu_floor --out results/floor --measured docs/h200/protocol.json
-    python -m benchmarks.gpu_floor --out /tmp/floor --models EDT-S/2 --batch 2 --latent-size 16
+    python -m benchmarks.gpu_floor --out /tmp/floor --models EDT-S/2 --batch 2 --training-batch 2 --latent-size 16
 
 The forward dispatches as on CUDA, through fake CUDA tensors (benchmarks/launch_count.py), in
-float32 or under CUDA's autocast. Each kernel-running operator moves its operands and results once (what a
+float32 or under CUDA's autocast; the training step (gpu_protocol's: the full and the masked loss,
+backward, Adan, EMA) on fake CPU tensors, so under the CPU's autocast (fewer operands cast than on
+CUDA) and with the attention of a bias that needs its gradient on the explicit path (on CUDA a
+fused kernel: the attention's bytes are overstated). Each kernel-running operator moves its operands and results once (what a
 broadcast operand addresses, once; a fused attention reads q, k, v and its mask and writes its
 output) and takes max(bytes / bandwidth, FLOPs / matmul rate): a floor no kernel beats, ideal
 caches included. The float32 rate applies to float32 matmuls (TF32 off), the matmul rate to the
-others. `--measured` reads a gpu_protocol.json measured on a GPU: its fastest inference time per
-model and precision (eager or CUDA graphs) goes beside the floor, and its measured bf16 matmul
+others. `--measured` reads a gpu_protocol.json measured on a GPU: its fastest time per
+measurement, model and precision (eager or CUDA graphs) goes beside the floor, and its measured bf16 matmul
 rate replaces --matmul-tflops. Writes OUT/floor.md and OUT/floor.json.
 """
 import argparse
@@ -30,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import gpu_profile, gpu_protocol, launch_count  # noqa: E402
 
 DEFAULT_MODELS = ("EDT-S/2", "MDTv2-S/2", "EDT-B/2", "MDTv2-B/2", "EDT-XL/2", "MDTv2-XL/2")
+MEASUREMENTS = ("inference", "train_masked")  # gpu_protocol's names
 AUTOCAST_NAMES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # the protocol's names -> speed.py's
 # One H200: HBM3e bandwidth and dense float32 (non-tensor-core) rate from NVIDIA's data sheet, the
 # bf16 matmul rate measured by gpu_protocol on 2026-12-04 (docs/h200/protocol.json).
@@ -121,23 +126,35 @@ def summarize(model, precision, batch, operators, rates):
                 by_category=dict(sorted(by_category.items(), key=lambda item: -item[1]["floor_ms"])))
 
 
-def fastest_measured_ms(protocol, model, precision):
-    """The protocol's fastest median for this model's inference in this precision, or None."""
+def fastest_measured_ms(protocol, measurement, model, precision):
+    """The protocol's fastest median for this measurement of the model in this precision, or None."""
     times = [row["summaries"][model]["median_s"] * 1e3 for row in protocol["rows"]
-             if row["measurement"] == "inference" and row["precision"] == precision and model in row["summaries"]]
+             if row["measurement"] == measurement and row["precision"] == precision and model in row["summaries"]]
     return min(times, default=None)
+
+
+def counted_operators(measurement, model, precision, args):
+    if measurement == "inference":
+        counter = launch_count.fake_cuda_inference(model, AUTOCAST_NAMES[precision], args.batch, args.latent_size,
+                                                   counting_traffic)
+    else:
+        counter = launch_count.fake_training_step(model, AUTOCAST_NAMES[precision], args.training_batch,
+                                                  args.latent_size, counting_traffic)
+    return counter.operators
 
 
 def measure(args, rates, protocol):
     rows = []
-    for precision in args.precisions:
-        for model in args.models:
-            counter = launch_count.fake_cuda_inference(model, AUTOCAST_NAMES[precision], args.batch,
-                                                       args.latent_size, counting_traffic)
-            row = summarize(model, precision, args.batch, counter.operators, rates)
-            row["measured_ms"] = fastest_measured_ms(protocol, model, precision) if protocol else None
-            rows.append(row)
-            print(markdown_row(row), flush=True)
+    for measurement in args.measurements:
+        batch = args.batch if measurement == "inference" else args.training_batch
+        for precision in args.precisions:
+            for model in args.models:
+                operators = counted_operators(measurement, model, precision, args)
+                row = dict(measurement=measurement, **summarize(model, precision, batch, operators, rates))
+                row["measured_ms"] = fastest_measured_ms(protocol, measurement, model, precision) if protocol else None
+                row["matmul_rate_at_floor"] = row["gflops"] * 1e9 / (row["floor_ms"] * 1e-3) / rates["matmul_flops"]
+                rows.append(row)
+                print(markdown_row(row), flush=True)
     return rows
 
 
@@ -145,8 +162,8 @@ def measure(args, rates, protocol):
 #                                    Report                                     #
 #################################################################################
 
-TABLE_HEADER = ("| model | precision | launches | GB moved | GFLOP | floor ms | measured ms | floor / measured "
-                "| floor by category (ms) |\n|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| measurement | model | precision | launches | GB moved | GFLOP | floor ms | matmul rate at the floor "
+                "| measured ms | floor / measured | floor by category (ms) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown_row(row):
@@ -154,19 +171,21 @@ def markdown_row(row):
     measured_cells = "| |" if measured is None else f"{measured:.1f} | {row['floor_ms'] / measured:.0%} |"
     categories = ", ".join(f"{name} {entry['floor_ms']:.2f}" for name, entry in row["by_category"].items()
                            if entry["floor_ms"] >= 0.005)
-    return (f"| {row['model']} | {row['precision']} | {row['launches']} | {row['gigabytes']:.2f} | "
-            f"{row['gflops']:.0f} | {row['floor_ms']:.2f} | {measured_cells} {categories} |")
+    return (f"| {row['measurement']} | {row['model']} | {row['precision']} | {row['launches']} | "
+            f"{row['gigabytes']:.2f} | {row['gflops']:.0f} | {row['floor_ms']:.2f} | {row['matmul_rate_at_floor']:.0%} | "
+            f"{measured_cells} {categories} |")
 
 
 def ratio_lines(rows):
-    """EDT over MDTv2 at each size and precision: the floors' ratio, and the measured one."""
-    found = {(row["model"], row["precision"]): row for row in rows}
+    """EDT over MDTv2 for each measurement, size and precision: the floors' ratio, and the measured one."""
+    found = {(row["measurement"], row["model"], row["precision"]): row for row in rows}
     lines = []
-    for (model, precision), ours in found.items():
-        other = found.get((model.replace("EDT-", "MDTv2-"), precision))
+    for (measurement, model, precision), ours in found.items():
+        other = found.get((measurement, model.replace("EDT-", "MDTv2-"), precision))
         if not model.startswith("EDT-") or other is None:
             continue
-        line = f"- {model} against {other['model']}, {precision}: floors {other['floor_ms'] / ours['floor_ms']:.2f}x"
+        line = (f"- {measurement}, {model} against {other['model']}, {precision}: "
+                f"floors {other['floor_ms'] / ours['floor_ms']:.2f}x")
         if ours["measured_ms"] and other["measured_ms"]:
             line += f", measured {other['measured_ms'] / ours['measured_ms']:.2f}x"
         lines.append(line)
@@ -175,8 +194,8 @@ def ratio_lines(rows):
 
 def markdown(result):
     settings, rates = result["settings"], result["rates"]
-    lines = [f"Inference forward at batch {settings['batch']}, latent {settings['latent_size']}, dispatched as on "
-             f"CUDA; floor at {rates['bandwidth'] / 1e12:.1f} TB/s, {rates['matmul_flops'] / 1e12:.0f} TFLOP/s "
+    lines = [f"Inference forward at batch {settings['batch']}, dispatched as on CUDA; masked training step at batch "
+             f"{settings['training_batch']}, dispatched on the CPU; latent {settings['latent_size']}; floor at {rates['bandwidth'] / 1e12:.1f} TB/s, {rates['matmul_flops'] / 1e12:.0f} TFLOP/s "
              f"matmuls, {rates['float32_flops'] / 1e12:.0f} TFLOP/s float32 (torch {torch.__version__})",
              "", TABLE_HEADER, *(markdown_row(row) for row in result["rows"]), "", *ratio_lines(result["rows"])]
     return "\n".join(lines) + "\n"
@@ -187,7 +206,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="folder for floor.md and floor.json")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--precisions", nargs="+", choices=tuple(AUTOCAST_NAMES), default=["fp32", "bf16"])
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--measurements", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS))
+    parser.add_argument("--batch", type=int, default=256, help="inference batch")
+    parser.add_argument("--training-batch", type=int, default=32)
     parser.add_argument("--latent-size", type=int, default=32)
     parser.add_argument("--bandwidth-tbs", type=float, default=H200_BANDWIDTH_TBS, help="memory bandwidth, TB/s")
     parser.add_argument("--matmul-tflops", type=float, default=H200_MATMUL_TFLOPS,
@@ -213,7 +234,8 @@ def main(argv=None):
     rates = dict(bandwidth=args.bandwidth_tbs * 1e12, matmul_flops=matmul_tflops * 1e12,
                  float32_flops=args.float32_tflops * 1e12)
     print(TABLE_HEADER, flush=True)
-    result = {"settings": dict(batch=args.batch, latent_size=args.latent_size, measured=args.measured),
+    result = {"settings": dict(batch=args.batch, training_batch=args.training_batch, latent_size=args.latent_size,
+                               measured=args.measured),
               "rates": rates, "rows": measure(args, rates, protocol)}
     result["ratios"] = ratio_lines(result["rows"])
     print("\n".join(result["ratios"]), flush=True)

@@ -9,8 +9,9 @@ Launches are the ATen operators that run a kernel: every operator below autograd
 metadata, a scaled-dot-product attention as one. Inference dispatches as on CUDA, through fake
 CUDA tensors (shapes without data, so CUDA's autocast casts are those a GPU would run); the
 training step (forward and backward of the full and the masked loss, the stacked modulations and
-Adan's multi-tensor update as on CUDA, EMA) runs on the CPU, whose autocast casts fewer operands
-than CUDA's. Writes
+Adan's multi-tensor update as on CUDA, EMA) dispatches on fake CPU tensors (autograd needs a real
+device for CUDA's), whose autocast casts fewer operands than CUDA's; MDTv2's masked pass keeps its
+mean fraction of the tokens, without the three operators that round its random draw. Writes
 OUT/launches.md and OUT/launches.json.
 """
 import argparse
@@ -31,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import gpu_protocol, speed  # noqa: E402
-from models import blocks  # noqa: E402
+from models import blocks, mdt  # noqa: E402
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
 
 # Operators that only make views or read metadata: no kernel.
@@ -127,21 +128,41 @@ def inference_launches(name, precision, batch, latent_size):
     return fake_cuda_inference(name, precision, batch, latent_size, counting).counts
 
 
-def training_step_launches(name, precision, batch, latent_size):
-    """speed.py's masked training step, with Adan's multi-tensor update as on CUDA."""
+@contextlib.contextmanager
+def mean_mdt_masking():
+    """MDTv2's masked passes keep their mean fraction of the tokens: fake tensors hold no draw of
+    the ratio to round."""
+    subset = mdt.random_token_subset
+    with mock.patch.object(mdt, "random_token_subset",
+                           lambda x, mask_ratio: subset(x, 1 - mdt.MEAN_KEPT_FRACTION)):
+        yield
+
+
+def fake_training_step(name, precision, batch, latent_size, observed):
+    """speed.py's masked training step on fake CPU tensors (its operators without their
+    arithmetic, so any size is quick), with the modulations stacked and Adan's multi-tensor update
+    as on CUDA, inside the context `observed()` (after a step that creates the optimizer's state);
+    returns what observed yields. The CPU's autocast casts fewer operands than CUDA's."""
     device = torch.device("cpu")
     settings = argparse.Namespace(compile=False, mixed_precision=precision)
     variant = speed.Variant(name, name, speed.build_model(name, latent_size, seed=0).train(), True, settings, device)
-    variant.optimizer = Adan(variant.model.parameters(), lr=speed.LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS,
-                             weight_decay=0.0, foreach=True)
     x, y, _ = speed.make_inputs(batch, latent_size, device, torch.Generator().manual_seed(0))
-    step = speed.training_step_fn(variant, True, x, y, settings, device)
-    # The modulations as a forward with autograd computes them on CUDA.
-    with mock.patch.object(blocks, "STACKED_MODULATION_TRAINING_DEVICES", ("cuda", "cpu")):
-        step()  # the optimizer's state
-        with counting() as counter:
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, mean_mdt_masking(), \
+            mock.patch.object(blocks, "STACKED_MODULATION_TRAINING_DEVICES", ("cuda", "cpu")):
+        for module in (variant.model, variant.ema):
+            module._apply(fake_mode.from_tensor)
+        variant.optimizer = Adan(variant.model.parameters(), lr=speed.LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS,
+                                 weight_decay=0.0, foreach=True)
+        step = speed.training_step_fn(variant, True, fake_mode.from_tensor(x), fake_mode.from_tensor(y), settings,
+                                      device)
+        step()
+        with observed() as observer:
             step()
-    return counter.counts
+    return observer
+
+
+def training_step_launches(name, precision, batch, latent_size):
+    return fake_training_step(name, precision, batch, latent_size, counting).counts
 
 
 def measure(args):

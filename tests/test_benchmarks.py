@@ -243,23 +243,32 @@ def test_gpu_floor_counts_the_models_flops_and_bounds_their_time(tmp_path):
     protocol = tmp_path / "protocol.json"
     protocol.write_text(json.dumps({"matmul_tflops": 100.0, "rows": [
         {"measurement": "inference", "precision": "fp32", "summaries": {"EDT-S/2": {"median_s": 0.5}}},
-        {"measurement": "inference", "precision": "fp32", "summaries": {"EDT-S/2": {"median_s": 0.4}}}]}))
-    result = gpu_floor.main(["--out", str(tmp_path), "--models", "EDT-S/2", "--batch", "2", "--latent-size", "16",
-                             "--measured", str(protocol)])
-    rows = {row["precision"]: row for row in result["rows"]}
+        {"measurement": "inference", "precision": "fp32", "summaries": {"EDT-S/2": {"median_s": 0.4}}},
+        {"measurement": "train_masked", "precision": "bf16", "summaries": {"EDT-S/2": {"median_s": 0.9}}}]}))
+    result = gpu_floor.main(["--out", str(tmp_path), "--models", "EDT-S/2", "--batch", "2", "--training-batch", "2",
+                             "--latent-size", "16", "--measured", str(protocol)])
+    rows = {row["precision"]: row for row in result["rows"] if row["measurement"] == "inference"}
+    steps = {row["precision"]: row for row in result["rows"] if row["measurement"] == "train_masked"}
     macs = count_macs(create_model("EDT-S/2", input_size=16))
+    # Forward and backward (twice the forward's FLOPs) of the full pass, and of the smaller masked one.
+    assert 3 * rows["fp32"]["gflops"] < steps["fp32"]["gflops"] < 6 * rows["fp32"]["gflops"]
+    assert steps["bf16"]["launches"] == sum(launch_count.training_step_launches("EDT-S/2", "bf16", 2, 16).values())
+    assert steps["bf16"]["by_category"]["optimizer"]["floor_ms"] > 0
+    assert steps["bf16"]["measured_ms"] == pytest.approx(900) and steps["fp32"]["measured_ms"] is None
     assert rows["fp32"]["gflops"] * 1e9 == pytest.approx(2 * macs * 2, rel=1e-9)
     assert rows["bf16"]["gflops"] > rows["fp32"]["gflops"]  # q, k and v padded from 52 to 56 channels
     assert rows["bf16"]["gigabytes"] < 0.8 * rows["fp32"]["gigabytes"]
     assert rows["bf16"]["launches"] == sum(launch_count.inference_launches("EDT-S/2", "bf16", 2, 16).values())
     rates = result["rates"]
     assert rates["matmul_flops"] == 100e12
-    for row in rows.values():
+    for row in result["rows"]:
         assert row["floor_ms"] == pytest.approx(sum(entry["floor_ms"] for entry in row["by_category"].values()))
         assert row["floor_ms"] * 1e-3 >= row["gigabytes"] * 1e9 / rates["bandwidth"]
         assert row["floor_ms"] * 1e-3 >= row["gflops"] * 1e9 / rates["matmul_flops"]
+        assert 0 < row["matmul_rate_at_floor"] <= 1
     assert rows["fp32"]["measured_ms"] == pytest.approx(400) and rows["bf16"]["measured_ms"] is None
-    assert "| EDT-S/2 | fp32 |" in (tmp_path / "floor.md").read_text()
+    report = (tmp_path / "floor.md").read_text()
+    assert "| inference | EDT-S/2 | fp32 |" in report and "| train_masked | EDT-S/2 | bf16 |" in report
     with pytest.raises(SystemExit, match="cannot read a protocol.json"):
         gpu_floor.main(["--out", str(tmp_path), "--measured", str(tmp_path / "missing.json")])
 
