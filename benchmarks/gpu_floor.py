@@ -56,6 +56,13 @@ def distinct_tensors(tree):
     return tensors.values()
 
 
+def mutated_arguments(func, args):
+    """The positional arguments func writes in place: what in-place multi-tensor operators, which
+    return nothing, write."""
+    return [value for argument, value in zip(func._schema.arguments, args)
+            if argument.alias_info is not None and argument.alias_info.is_write]
+
+
 def attention_flops(q, k):
     """q k^T and probabilities @ v over (B, heads, T_q, D) and (B, heads, T_k, D)."""
     return 4 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
@@ -77,7 +84,7 @@ class TrafficCounter(TorchDispatchMode):
         if self.inside_attention or name in launch_count.NO_KERNEL or func.namespace == "prim":
             return out
         read = distinct_tensors((args, {key: value for key, value in kwargs.items() if key != "out"}))
-        written = distinct_tensors(out)
+        written = distinct_tensors((out, mutated_arguments(func, args)))
         flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) \
             if func.overloadpacket in flop_registry else 0
         self.record(name, sum(map(addressed_bytes, read)) + sum(map(addressed_bytes, written)), flops,

@@ -239,6 +239,15 @@ def test_launch_count_dispatches_as_on_cuda_and_counts_no_weight_casts(tmp_path)
     assert "| EDT-S/2 | bf16 |" in (tmp_path / "launches.md").read_text()
 
 
+def test_gpu_floor_counts_what_in_place_operators_write():
+    states, grads = [torch.ones(1000), torch.ones(10)], [torch.ones(1000), torch.ones(10)]
+    with gpu_floor.counting_traffic() as counter:
+        torch._foreach_add_(states, grads)  # returns nothing
+        states[0].mul_(2)
+    assert [(name, moved) for name, moved, _, _ in counter.operators] == [("_foreach_add_", 3 * 1010 * 4),
+                                                                           ("mul_", 2 * 1000 * 4)]
+
+
 def test_gpu_floor_counts_the_models_flops_and_bounds_their_time(tmp_path):
     protocol = tmp_path / "protocol.json"
     protocol.write_text(json.dumps({"matmul_tflops": 100.0, "rows": [
