@@ -9,12 +9,13 @@ The forward dispatches as on CUDA, through fake CUDA tensors (benchmarks/launch_
 float32 or under CUDA's autocast; the training step (gpu_protocol's: the full and the masked loss,
 backward, Adan, EMA) on fake CPU tensors, so under the CPU's autocast (fewer operands cast than on
 CUDA) and with the attention of a bias that needs its gradient on the explicit path (on CUDA a
-fused kernel: the attention's bytes are overstated). Each kernel-running operator moves its operands and results once (what a
-broadcast operand addresses, once; a fused attention reads q, k, v and its mask and writes its
-output) and takes max(bytes / bandwidth, FLOPs / matmul rate): a floor no kernel beats, ideal
-caches included. The float32 rate applies to float32 matmuls (TF32 off), the matmul rate to the
-others. `--measured` reads a gpu_protocol.json measured on a GPU: its fastest time per
-measurement, model and precision (eager or CUDA graphs) goes beside the floor, and its measured bf16 matmul
+fused kernel: the attention's bytes are overstated). Each kernel-running operator moves its
+operands and results once (what a broadcast operand addresses, once; a fused attention reads q,
+k, v and its mask and writes its output; an in-place operator writes what it mutates) and takes
+max(bytes / bandwidth, FLOPs / matmul rate): a floor no kernel beats, ideal caches included. The
+float32 rate applies to float32 matmuls (TF32 off), the matmul rate to the others. `--measured`
+reads a gpu_protocol.json measured on a GPU: its fastest time per measurement, model and
+precision (eager or CUDA graphs) goes beside the floor, and its measured bf16 matmul
 rate replaces --matmul-tflops. Writes OUT/floor.md and OUT/floor.json.
 """
 import argparse
@@ -169,8 +170,9 @@ def measure(args, rates, protocol):
 #                                    Report                                     #
 #################################################################################
 
-TABLE_HEADER = ("| measurement | model | precision | launches | GB moved | GFLOP | floor ms | matmul rate at the floor "
-                "| measured ms | floor / measured | floor by category (ms) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| measurement | model | precision | launches | GB moved | GFLOP | floor ms | matmul rate at the "
+                "floor | measured ms | floor / measured | floor by category (ms) |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown_row(row):
@@ -179,8 +181,8 @@ def markdown_row(row):
     categories = ", ".join(f"{name} {entry['floor_ms']:.2f}" for name, entry in row["by_category"].items()
                            if entry["floor_ms"] >= 0.005)
     return (f"| {row['measurement']} | {row['model']} | {row['precision']} | {row['launches']} | "
-            f"{row['gigabytes']:.2f} | {row['gflops']:.0f} | {row['floor_ms']:.2f} | {row['matmul_rate_at_floor']:.0%} | "
-            f"{measured_cells} {categories} |")
+            f"{row['gigabytes']:.2f} | {row['gflops']:.0f} | {row['floor_ms']:.2f} | "
+            f"{row['matmul_rate_at_floor']:.0%} | {measured_cells} {categories} |")
 
 
 def ratio_lines(rows):
@@ -202,8 +204,9 @@ def ratio_lines(rows):
 def markdown(result):
     settings, rates = result["settings"], result["rates"]
     lines = [f"Inference forward at batch {settings['batch']}, dispatched as on CUDA; masked training step at batch "
-             f"{settings['training_batch']}, dispatched on the CPU; latent {settings['latent_size']}; floor at {rates['bandwidth'] / 1e12:.1f} TB/s, {rates['matmul_flops'] / 1e12:.0f} TFLOP/s "
-             f"matmuls, {rates['float32_flops'] / 1e12:.0f} TFLOP/s float32 (torch {torch.__version__})",
+             f"{settings['training_batch']}, dispatched on the CPU; latent {settings['latent_size']}; floor at "
+             f"{rates['bandwidth'] / 1e12:.1f} TB/s, {rates['matmul_flops'] / 1e12:.0f} TFLOP/s matmuls, "
+             f"{rates['float32_flops'] / 1e12:.0f} TFLOP/s float32 (torch {torch.__version__})",
              "", TABLE_HEADER, *(markdown_row(row) for row in result["rows"]), "", *ratio_lines(result["rows"])]
     return "\n".join(lines) + "\n"
 

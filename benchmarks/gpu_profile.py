@@ -264,6 +264,7 @@ def parse_args(argv=None):
     parser.add_argument("--measurements", nargs="+", choices=tuple(gpu_protocol.MEASUREMENT_NAMES),
                         default=list(gpu_protocol.MEASUREMENT_NAMES))
     parser.add_argument("--compile", action="store_true", help="compile the models' blocks")
+    parser.add_argument("--flat-adan", action="store_true", help="the training steps with training.flat_adan.FlatAdan")
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations without the profiler")
     parser.add_argument("--steps", type=int, default=3, help="profiled iterations")
     args = parser.parse_args(argv)

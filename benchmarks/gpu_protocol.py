@@ -15,7 +15,9 @@ training step's TFLOP/s counts 6 x MACs (forward and backward) of its passes, an
 the bf16 matmul rate measured in the same run. `--attention-kernel flex` runs our models'
 inference attention (checks included) through FlexAttention instead of the kernels
 `choose_attention_kernel` takes by default, to measure it against them: a second run of the
-same comparisons. Writes OUT/protocol.md and OUT/protocol.json.
+same comparisons; `--flat-adan` trains every model of the training rows with
+training.flat_adan.FlatAdan (one pass over flat buffers) instead of timm's Adan. Writes
+OUT/protocol.md and OUT/protocol.json.
 """
 import argparse
 import contextlib
@@ -152,7 +154,8 @@ def matmul_precision(precision):
 def speed_settings(args, precision, compile_model):
     """benchmarks/speed.py's settings for its step and inference functions."""
     return argparse.Namespace(mixed_precision="bf16" if precision == "bf16" else "no", compile=compile_model,
-                              cfg_scale=1.5, warmup=args.warmup, repeats=args.repeats, sampling_repeats=1)
+                              flat_adan=args.flat_adan, cfg_scale=1.5, warmup=args.warmup, repeats=args.repeats,
+                              sampling_repeats=1)
 
 
 def counted_macs(model, ours, measurement):
@@ -319,7 +322,8 @@ def markdown(result):
     lines = [f"Device: {settings['device_name']}; torch {settings['torch']}; inference batch "
              f"{settings['inference_batch']}, training batch {settings['training_batch']}, latent "
              f"{settings['input_size']}; compile: {settings['compile']}; attention at inference: "
-             f"{settings['attention_kernel']}; bf16 matmul rate measured: "
+             f"{settings['attention_kernel']}; optimizer: {'FlatAdan' if settings['flat_adan'] else 'Adan'}; "
+             f"bf16 matmul rate measured: "
              f"{result['matmul_tflops']:.1f} TFLOP/s", "",
              "| measurement | precision | EDT | ms | compared with | ms | ratio | paper | MAC ratio | "
              "EDT TFLOP/s (of matmul rate) | other TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -376,6 +380,8 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
     parser.add_argument("--measurements", nargs="+", choices=tuple(MEASUREMENT_NAMES), default=list(MEASUREMENT_NAMES))
     parser.add_argument("--compile", action="store_true", help="compile our models' blocks (not the release's)")
+    parser.add_argument("--flat-adan", action="store_true",
+                        help="every training step with training.flat_adan.FlatAdan instead of timm's Adan")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also our models' inference replayed from CUDA graphs (CUDA only)")
     parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="default",

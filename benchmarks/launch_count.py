@@ -144,7 +144,7 @@ def fake_training_step(name, precision, batch, latent_size, observed):
     as on CUDA, inside the context `observed()` (after a step that creates the optimizer's state);
     returns what observed yields. The CPU's autocast casts fewer operands than CUDA's."""
     device = torch.device("cpu")
-    settings = argparse.Namespace(compile=False, mixed_precision=precision)
+    settings = argparse.Namespace(compile=False, flat_adan=False, mixed_precision=precision)
     variant = speed.Variant(name, name, speed.build_model(name, latent_size, seed=0).train(), True, settings, device)
     x, y, _ = speed.make_inputs(batch, latent_size, device, torch.Generator().manual_seed(0))
     with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, mean_mdt_masking(), \

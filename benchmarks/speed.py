@@ -45,6 +45,7 @@ from runtime.ema import create_ema, update_ema  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
 from sampling.sampler import PRECISIONS, Sampler, guided_model_fn  # noqa: E402
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
+from training.flat_adan import FlatAdan  # noqa: E402
 from training.step import fused_micro_batch_losses, micro_batch_losses  # noqa: E402
 
 PLAIN_PREFIX = "plain:"  # "plain:DiT-S/2" is the timm-style DiT of benchmarks/plain_dit.py
@@ -55,7 +56,8 @@ EMA_DECAY = 0.9999
 MEASUREMENTS = ("train_masked", "train_plain", "inference", "inference_cfg", "sampling")
 # Profiler ranges around a training step's phases (benchmarks/gpu_profile.py reads them).
 STEP_PHASE_PREFIX = "step: "
-REPORTED_SETTINGS = ("batch_size", "latent_size", "device", "mixed_precision", "compile", "threads", "load_average")
+REPORTED_SETTINGS = ("batch_size", "latent_size", "device", "mixed_precision", "compile", "flat_adan", "threads",
+                     "load_average")
 
 
 #################################################################################
@@ -74,6 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default="no")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model's blocks")
+    parser.add_argument("--flat-adan", action="store_true", help="train with training.flat_adan.FlatAdan")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cfg-scale", type=float, default=1.5)
@@ -128,8 +131,9 @@ class Variant:
         self.ema = create_ema(self.model)
         if args.compile:
             compile_blocks(self.model)
-        self.optimizer = Adan(self.model.parameters(), lr=LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS,
-                              weight_decay=0.0)
+        optimizer_type = FlatAdan if args.flat_adan else Adan
+        self.optimizer = optimizer_type(self.model.parameters(), lr=LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS,
+                                        weight_decay=0.0)
         self.update_ema = update_ema if fast else per_parameter_ema
 
     def describe(self):

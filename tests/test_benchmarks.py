@@ -17,6 +17,7 @@ from diffusion import create_diffusion, create_named_schedule_sampler
 from models import create_model
 from models.macs import count_macs
 from runtime.ema import create_ema, update_ema
+from training.flat_adan import FlatAdan
 from training.step import fused_micro_batch_losses, micro_batch_losses
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
@@ -197,6 +198,20 @@ def test_gpu_protocol_measures_inference_through_flex_attention_when_asked(tmp_p
     assert not models.attention_kernels.flex_at_inference  # turned off again
 
 
+def test_gpu_protocol_trains_with_flat_adan_when_asked(tmp_path, monkeypatch):
+    stepped, update_group = [], FlatAdan.update_group
+
+    def counted(self, *args):
+        stepped.append(1)
+        return update_group(self, *args)
+    monkeypatch.setattr(FlatAdan, "update_group", counted)
+    result = gpu_protocol.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--flat-adan",
+                                "--measurements", "train_masked", "--precisions", "bf16", "--warmup", "0",
+                                "--repeats", "1"])
+    assert [row["other"] for row in result["rows"]] == ["MDTv2-S/2"] and len(stepped) >= 4  # both models, twice
+    assert "optimizer: FlatAdan" in (tmp_path / "protocol.md").read_text()
+
+
 def test_gpu_protocol_refuses_a_folder_without_the_release_model(tmp_path):
     with pytest.raises(SystemExit, match="has no models_edt.py"):
         gpu_protocol.parse_args(["--out", str(tmp_path), "--release-code", str(tmp_path)])
@@ -309,17 +324,17 @@ def run_gpu_session(tmp_path, *args, has_diffusers=True):
                           env=env, capture_output=True, text=True)
 
 
-def test_gpu_session_runs_each_benchmark_in_turn_and_brings_back_six_files(tmp_path):
+def test_gpu_session_runs_each_benchmark_in_turn_and_brings_back_seven_files(tmp_path):
     out = tmp_path / "out"
     assert run_gpu_session(tmp_path, str(out), "release_checkout").returncode == 0
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol", "benchmarks.gpu_protocol",
-                                                   "benchmarks.attention_kernels", "benchmarks.gpu_profile"]
+    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol"] * 3 + ["benchmarks.gpu_profile",
+                                                                                    "benchmarks.attention_kernels"]
     assert "--release-code release_checkout" in calls[0] and "--cuda-graphs" not in calls[0]  # no GPU here
-    assert "--attention-kernel flex" in calls[1] and "--release-code" not in calls[1]
-    assert "--only EDT-S/2" in calls[2] and all(call.endswith("--tiny --device cpu") for call in calls)
-    assert sorted(os.listdir(out)) == ["attention_kernels.md", "profile.md", "protocol.md", "protocol_flex.md",
-                                       "session.log", "session.tar.gz"]
+    assert "--flat-adan" in calls[1] and "--attention-kernel flex" in calls[2] and "--release-code" not in calls[1]
+    assert "--only EDT-S/2" in calls[4] and all(call.endswith("--tiny --device cpu") for call in calls)
+    assert sorted(os.listdir(out)) == ["attention_kernels.md", "profile.md", "protocol.md", "protocol_flat_adan.md",
+                                       "protocol_flex.md", "session.log", "session.tar.gz"]
     assert (out / "profile.md").read_text() == "profile\n"
     with tarfile.open(out / "session.tar.gz") as archive:
         names = archive.getnames()

@@ -170,6 +170,22 @@ def test_gradient_checkpointing_changes_nothing(features, tmp_path):
     assert_same_tree(plain.optimizer.state_dict(), recomputed.optimizer.state_dict(), "opt")
 
 
+def test_flat_adan_resumes_bit_exactly_and_follows_timm_adan(features, tmp_path):
+    plan = ("--global-batch-size", "4")
+    timm_run = train(features, tmp_path / "timm", *plan, "--max-steps", "4")
+    train(features, tmp_path / "straight", *plan, "--max-steps", "4", "--flat-adan")
+    train(features, tmp_path / "split", *plan, "--max-steps", "2", "--flat-adan")
+    resumed = train(features, tmp_path / "split", *plan, "--max-steps", "4", "--resume", "latest", "--flat-adan")
+    assert type(resumed.optimizer).__name__ == "FlatAdan"
+    checkpoints = [read_checkpoint(os.path.join(checkpoint_files(tmp_path / run)[1], "checkpoints", "0000004.pt"))
+                   for run in ("straight", "split")]
+    for key in ("model", "ema", "opt"):
+        assert_same_tree(checkpoints[0][key], checkpoints[1][key], key)
+    # Eager on the CPU FlatAdan computes what timm's Adan computes, bit for bit.
+    assert_same_tree(checkpoints[0]["model"], timm_run.model.state_dict(), "model")
+    assert_same_tree(checkpoints[0]["opt"], timm_run.optimizer.state_dict(), "opt")
+
+
 @pytest.fixture
 def bf16_accelerator_state():
     """accelerate keeps one mixed-precision setting per process: this test's bf16 runs get a

@@ -10,6 +10,7 @@ import models
 from diffusion import create_diffusion, create_named_schedule_sampler
 from runtime.ema import create_ema
 
+from .flat_adan import FlatAdan
 from .guard import BadStepGuard
 from .initialise import initialise_model
 from .state import TrainState
@@ -39,8 +40,8 @@ def build_training(args, config, run):
     model = build_model(config.model_config, args.global_seed).to(run.device)
     initialise_model(args, config, run, model)  # --init-from, before the EMA copies the model
     ema = create_ema(model)
-    optimizer = Adan(model.parameters(), lr=args.init_lr, betas=ADAN_BETAS, eps=ADAN_EPS,
-                     weight_decay=0.0)
+    optimizer = (FlatAdan if args.flat_adan else Adan)(model.parameters(), lr=args.init_lr, betas=ADAN_BETAS,
+                                                        eps=ADAN_EPS, weight_decay=0.0)
     diffusion = create_diffusion(timestep_respacing="", exact_decoder_nll=args.exact_decoder_nll)
     guard = BadStepGuard(args.max_bad_steps, args.loss_spike_factor, args.loss_spike_window)
     state = TrainState(model, ema, optimizer, create_named_schedule_sampler(args.schedule_sampler, diffusion),
