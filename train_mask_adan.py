@@ -98,7 +98,7 @@ def parse_args(argv=None):
     optim.add_argument("--grad-checkpointing", action="store_true")
     optim.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     optim.add_argument("--flat-adan", action="store_true",
-                       help="Adan's update in one (compiled on CUDA) pass over flat buffers: equal to timm's "
+                       help="Adan's update in one compiled pass over flat buffers: equal to timm's "
                             "up to rounding, same checkpoints (training/flat_adan.py)")
     optim.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
                        help="clip the global gradient norm to NORM (off by default, as released)")

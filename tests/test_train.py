@@ -181,9 +181,13 @@ def test_flat_adan_resumes_bit_exactly_and_follows_timm_adan(features, tmp_path)
                    for run in ("straight", "split")]
     for key in ("model", "ema", "opt"):
         assert_same_tree(checkpoints[0][key], checkpoints[1][key], key)
-    # Eager on the CPU FlatAdan computes what timm's Adan computes, bit for bit.
-    assert_same_tree(checkpoints[0]["model"], timm_run.model.state_dict(), "model")
-    assert_same_tree(checkpoints[0]["opt"], timm_run.optimizer.state_dict(), "opt")
+    flat_state, timm_state = checkpoints[0]["opt"], timm_run.optimizer.state_dict()
+    assert flat_state["param_groups"] == timm_state["param_groups"]
+    for name, value in timm_run.model.state_dict().items():  # compiled: equal to rounding
+        torch.testing.assert_close(checkpoints[0]["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for index, state in timm_state["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(flat_state["state"][index][name], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture
