@@ -323,8 +323,7 @@ def markdown(result):
              f"{settings['inference_batch']}, training batch {settings['training_batch']}, latent "
              f"{settings['input_size']}; compile: {settings['compile']}; attention at inference: "
              f"{settings['attention_kernel']}; optimizer: {'FlatAdan' if settings['flat_adan'] else 'Adan'}; "
-             f"bf16 matmul rate measured: "
-             f"{result['matmul_tflops']:.1f} TFLOP/s", "",
+             f"bf16 matmul rate measured: {result['matmul_tflops']:.1f} TFLOP/s", "",
              "| measurement | precision | EDT | ms | compared with | ms | ratio | paper | MAC ratio | "
              "EDT TFLOP/s (of matmul rate) | other TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:

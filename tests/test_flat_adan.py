@@ -62,10 +62,10 @@ def small_parameters():
             torch.randn(4, 4, requires_grad=True), torch.randn(2, requires_grad=True)]
 
 
-def saved_and_continued(optimizer_type, steps_before=3, steps_after=2):
+def saved_and_continued(optimizer_type, steps_before=3, steps_after=2, parameters=small_parameters):
     """(parameters after steps_before, the optimizer's state dict then as saved bytes, parameters
     after steps_after more)."""
-    params = small_parameters()
+    params = parameters()
     optimizer = optimizer_type(params, lr=1e-3, betas=ADAN_BETAS, eps=ADAN_EPS)
     take_steps(optimizer, params, steps_before)
     snapshot, buffer = copies(params), io.BytesIO()
@@ -101,6 +101,18 @@ def test_flat_adan_resumes_exactly_and_shares_checkpoints_with_timm_adan():
     assert flat_state["param_groups"] == timm_state["param_groups"]
     assert {index: set(state) for index, state in flat_state["state"].items()} == \
         {index: set(state) for index, state in timm_state["state"].items()}
+
+
+def test_compiled_flat_adan_resumes_edt_s_bit_exactly_on_two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        snapshot, saved, continued = saved_and_continued(FlatAdan, 2, 2, edt_s_parameters)
+        params, optimizer = resumed(FlatAdan, snapshot, saved, 2, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(params, continued))
+    assert optimizer.param_groups[0]["step"] == 4
 
 
 def test_flat_adan_refuses_a_group_of_mixed_dtypes():

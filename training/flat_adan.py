@@ -57,18 +57,14 @@ class FlatGroup:
             raise ValueError(f"FlatAdan needs a parameter group of one dtype and device, got {sorted(map(str, kinds))}")
         self.params = params
         self.numels = [param.numel() for param in params]
-        self.flat_states, self.views = {}, {}
+        self.flat_states = {}
         for name in STATE_NAMES:
             self.flat_states[name] = torch.cat([state[param][name].reshape(-1) for param in params])
-            self.views[name] = [view.view_as(param) for param, view in
-                                zip(params, self.flat_states[name].split(self.numels))]
-            for param, view in zip(params, self.views[name]):
-                state[param][name] = view
+            for param, view in zip(params, self.flat_states[name].split(self.numels)):
+                state[param][name] = view.view_as(param)
 
-    def holds(self, params, state):
-        """Whether these are its parameters and their states still its views."""
-        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params)) and all(
-            state[param][name] is view for name, views in self.views.items() for param, view in zip(params, views))
+    def covers(self, params):
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
 
 class FlatAdan(Adan):
@@ -103,9 +99,9 @@ class FlatAdan(Adan):
 
     def update_group(self, index, group, params):
         group["step"] = group.get("step", 0) + 1
-        self.initialise_states(group, params)
+        states_replaced = self.initialise_states(group, params)
         flat_group = self.flat_groups.get(index)
-        if flat_group is None or not flat_group.holds(params, self.state):
+        if flat_group is None or states_replaced or not flat_group.covers(params):
             flat_group = self.flat_groups[index] = FlatGroup(params, self.state)
         weights = torch.cat([param.reshape(-1) for param in params])
         grads = torch.cat([param.grad.reshape(-1) for param in params])
@@ -116,7 +112,9 @@ class FlatAdan(Adan):
         torch._foreach_copy_(params, updated)
 
     def initialise_states(self, group, params):
-        """timm's: zero moments, and the previous gradient taken as the first one."""
+        """timm's: zero moments, and the previous gradient taken as the first one (at the first
+        step, also after timm's `restart_opt`). Returns whether it replaced any state."""
+        replaced = False
         for param in params:
             state = self.state[param]
             if len(state) == 0:
@@ -124,6 +122,8 @@ class FlatAdan(Adan):
                     state[name] = torch.zeros_like(param)
             if "neg_pre_grad" not in state or group["step"] == 1:
                 state["neg_pre_grad"] = -param.grad
+                replaced = True
+        return replaced
 
     @staticmethod
     def coefficients(group, like):
