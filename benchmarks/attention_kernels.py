@@ -88,10 +88,10 @@ def candidates(case, device_type, dtype):
     found = {"explicit": (None, None, lambda q, k, v, bias, amm, scale: explicit_attention(
         q, k, v, bias, amm, scale, in_place=not case.training))}
     widths = sorted({case.head_dim, 56, 64} - {width for width in (56, 64) if width < case.head_dim})
+    # FlexAttention at the width the models give it and at 64 (a compilation each), without a CPU backward.
+    flex_widths = (padded_head_width(case.head_dim, device_type, dtype), 64)
     for width in widths:
         label = "" if width == case.head_dim else f", padded to {width}"
-        # FlexAttention at the width the models give it and at 64 (a compilation each), without a CPU backward.
-        flex_widths = (padded_head_width(case.head_dim, device_type, dtype), 64)
         with_flex = width in flex_widths and (device_type == "cuda" or not case.training)
         if case.amm:
             if case.training:
