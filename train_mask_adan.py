@@ -97,6 +97,9 @@ def parse_args(argv=None):
     optim.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     optim.add_argument("--grad-checkpointing", action="store_true")
     optim.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    optim.add_argument("--cuda-graphs", action="store_true",
+                       help="replay each step's forward and backward from CUDA graphs (GPU; EDT, DiT, "
+                            "MDTv2 with --no-mask; one micro-batch per step; training/graphed_losses.py)")
     optim.add_argument("--flat-adan", action="store_true",
                        help="Adan's update in one compiled pass over flat buffers: equal to timm's "
                             "up to rounding, same checkpoints (training/flat_adan.py)")

@@ -16,7 +16,9 @@ the bf16 matmul rate measured in the same run. `--attention-kernel flex` runs ou
 inference attention (checks included) through FlexAttention instead of the kernels
 `choose_attention_kernel` takes by default, to measure it against them: a second run of the
 same comparisons; `--flat-adan` trains every model of the training rows with
-training.flat_adan.FlatAdan (one pass over flat buffers) instead of timm's Adan. Writes
+training.flat_adan.FlatAdan (one pass over flat buffers) instead of timm's Adan; `--cuda-graphs`
+adds rows where our models' inference, and EDT's training losses (training/graphed_losses.py),
+replay from CUDA graphs (MDTv2's masked pass changes shape every step: its step stays eager). Writes
 OUT/protocol.md and OUT/protocol.json.
 """
 import argparse
@@ -36,10 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
 from benchmarks import speed  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
 from models.attention_kernels import flex_attention_at_inference  # noqa: E402
 from models.mdt import MEAN_KEPT_FRACTION, TRAINING_MASK_RATIO  # noqa: E402
 from runtime.cuda_graphs import CUDAGraphed  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
+from training.graphed_losses import TrainingLosses, graph_training_losses  # noqa: E402
 
 RELEASE_PREFIX = "release:"
 # The paper's speed ratios (EDT over the compared model), and the sizes measured.
@@ -67,7 +71,9 @@ class Comparison:
     measurement: str  # "inference" or "train_masked" (benchmarks/speed.py's)
     ours: str
     other: str  # a model name, or release:EDT-S/2
-    cuda_graphs: bool = False  # inference replayed from CUDA graphs (ours only)
+    # Replayed from CUDA graphs: inference of both our models; the training losses of ours only
+    # (MDTv2's masked pass changes shape every step), so that row is what --cuda-graphs gives.
+    cuda_graphs: bool = False
 
     @property
     def paper(self):
@@ -83,7 +89,7 @@ def comparisons(args):
             if measurement == "train_masked" and other.startswith("DiT"):
                 continue
             found.append(Comparison(measurement, ours, other))
-            if measurement == "inference" and args.cuda_graphs:
+            if args.cuda_graphs:
                 found.append(Comparison(measurement, ours, other, cuda_graphs=True))
     if args.release_code:
         found += [Comparison(measurement, "EDT-S/2", f"{RELEASE_PREFIX}EDT-S/2") for measurement in args.measurements]
@@ -177,7 +183,8 @@ def measure_pair(comparison, precision, args, device):
     batch = args.training_batch if training else args.inference_batch
     x, y, t = speed.make_inputs(batch, args.input_size, device, torch.Generator().manual_seed(args.seed))
     ops = {variant.label: {comparison.measurement: (
-        speed.training_step_fn(variant, True, x, y, settings, device) if training
+        speed.training_step_fn(variant, True, x, y, settings, device,
+                               cuda_graphs=comparison.cuda_graphs and variant.label == comparison.ours) if training
         else graphed_inference_fn(variant.model, x, y, t, precision, device) if comparison.cuda_graphs
         else speed.inference_fn(variant, x, y, t, False, settings, device), batch, "samples/s")}
         for variant in variants}
@@ -254,6 +261,9 @@ def correctness_checks(args, device):
             if device.type == "cuda":
                 checks[f"{name} CUDA graphs vs eager, bf16 inference, max abs difference"] = graph_difference(
                     model, x, t, y, device)
+            if device.type == "cuda" and name == "EDT-S/2":
+                checks["EDT-S/2 CUDA graphs vs eager, bf16 masked losses and gradients"] = graphed_training_difference(
+                    model, x, y, device, args.seed)
             if name == "EDT-S/2" and args.release_code:
                 release = build_release(name, model, args, device).eval()
                 with torch.no_grad():
@@ -269,6 +279,28 @@ def graph_difference(model, x, t, y, device):
         eager = model(x, t, y)
     replays = [graphed(x, t, y) for _ in range(2)]
     return max((replay.float() - eager.float()).abs().max().item() for replay in replays)
+
+
+def graphed_training_difference(model, x, y, device, seed):
+    """Largest relative difference of EDT's bf16 fused masked losses, and of its gradients
+    (timesteps 0..999 across the batch), replayed from CUDA graphs against eager, both from the
+    same random state."""
+    model.train()
+    diffusion = create_diffusion(timestep_respacing="")
+    t = torch.linspace(0, diffusion.num_timesteps - 1, x.shape[0], device=device).long()
+
+    def losses():
+        return TrainingLosses(model, diffusion, model.masked_training_flag, True, "bf16").train()
+    results = []
+    for losses_of in (losses(), graph_training_losses(losses(), x.shape[1:], x.shape[0], device)):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.manual_seed(seed)
+        full, masked = losses_of(x, y, t)
+        (full + masked).mean().backward()
+        gradients = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((torch.cat([full, masked]), gradients))
+    eager, graphed = results
+    return max(relative_error(actual, expected) for actual, expected in zip(graphed, eager))
 
 
 @torch.no_grad()
@@ -311,10 +343,11 @@ def row_for(comparison, precision, summaries, matmul_rate):
 
 
 MEASUREMENT_NAMES = {"inference": "inference", "train_masked": "masked training step"}
+GRAPHED_NAMES = {"inference": ", CUDA graphs", "train_masked": ", EDT's losses from CUDA graphs"}
 
 
 def measurement_name(row):
-    return MEASUREMENT_NAMES[row["measurement"]] + (", CUDA graphs" if row["cuda_graphs"] else "")
+    return MEASUREMENT_NAMES[row["measurement"]] + (GRAPHED_NAMES[row["measurement"]] if row["cuda_graphs"] else "")
 
 
 def markdown(result):
@@ -382,7 +415,7 @@ def parse_args(argv=None):
     parser.add_argument("--flat-adan", action="store_true",
                         help="every training step with training.flat_adan.FlatAdan instead of timm's Adan")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also our models' inference replayed from CUDA graphs (CUDA only)")
+                        help="also our models' inference, and EDT's training losses, replayed from CUDA graphs (CUDA only)")
     parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="default",
                         help="flex: our models' inference attention through FlexAttention (training unchanged)")
     parser.add_argument("--repeats", type=int, default=10)

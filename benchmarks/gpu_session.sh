@@ -4,10 +4,12 @@
 #
 #   bash benchmarks/gpu_session.sh OUT [RELEASE_CHECKOUT]
 #
-#   1. protocol: fp32 and bf16 at S, B and XL with CUDA graphs, and against the release where
-#      RELEASE_CHECKOUT holds a checkout of it (171 s on an H200 on 2026-12-04)
-#   2. protocol_flat_adan: the bf16 masked training steps at S and XL with FlatAdan, against
-#      timm's Adan of step 1 (Adan's sixteen passes are 24 of EDT-XL/2's 92 ms floor)
+#   1. protocol: fp32 and bf16 at S, B and XL with CUDA graphs (inference, and EDT's training
+#      losses), and against the release where RELEASE_CHECKOUT holds a checkout of it (171 s on an
+#      H200 on 2026-12-04, before the graphed training rows)
+#   2. protocol_flat_adan: the bf16 masked training steps at S, B and XL with FlatAdan, eager and
+#      with EDT's losses from CUDA graphs, against timm's Adan of step 1 (Adan's sixteen passes
+#      are 24 of EDT-XL/2's 92 ms floor; graphs take the launches off the host-paced S step)
 #   3. protocol_flex: bf16 inference at S and B with every model's attention through
 #      FlexAttention, against the default kernels of step 1 (the memory-efficient one ran a
 #      stage-0 call of EDT-S/2 in 0.42 ms at batch 256 on the H200, 54 TFLOP/s; attention is about
@@ -54,11 +56,11 @@ step() {  # step NAME SECONDS MODULE ARGS...: one benchmark under a time limit, 
 
 cuda_graphs=""
 if nvidia-smi -L >/dev/null 2>&1; then cuda_graphs="--cuda-graphs"; fi
-step protocol 220 benchmarks.gpu_protocol $cuda_graphs ${release:+--release-code "$release"}
-step protocol_flat_adan 90 benchmarks.gpu_protocol --flat-adan --precisions bf16 --sizes S XL \
-  --measurements train_masked
-step protocol_flex 100 benchmarks.gpu_protocol --attention-kernel flex --precisions bf16 --sizes S B \
+step protocol 240 benchmarks.gpu_protocol $cuda_graphs ${release:+--release-code "$release"}
+step protocol_flat_adan 130 benchmarks.gpu_protocol --flat-adan --precisions bf16 --sizes S B XL \
+  --measurements train_masked $cuda_graphs
+step protocol_flex 90 benchmarks.gpu_protocol --attention-kernel flex --precisions bf16 --sizes S B \
   --measurements inference $cuda_graphs
-step profile 100 benchmarks.gpu_profile
-step attention_kernels 60 benchmarks.attention_kernels --dtypes bf16 --only EDT-S/2
+step profile 70 benchmarks.gpu_profile
+step attention_kernels 40 benchmarks.attention_kernels --dtypes bf16 --only EDT-S/2
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >>"$log" 2>&1 || true

@@ -48,21 +48,30 @@ DEFAULT_MODELS = ("EDT-S/2", "MDTv2-S/2")
 
 
 class LaunchCounter(TorchDispatchMode):
-    """Counts kernel-running operators by name, a fused attention call as one."""
+    """Counts kernel-running operators by name, a fused attention call as one, and by the phase
+    of speed.py's training step they run in (None outside one)."""
 
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
+        self.phase_counts = collections.Counter()
+        self.phase = None
         self.inside_attention = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        if name == "_record_function_enter_new" and args[0].startswith(speed.STEP_PHASE_PREFIX):
+            self.phase = args[0].removeprefix(speed.STEP_PHASE_PREFIX)
         if not self.inside_attention and name not in NO_KERNEL and func.namespace != "prim":
-            self.counts[name] += 1
+            self.count(name)
         return func(*args, **(kwargs or {}))
 
+    def count(self, name):
+        self.counts[name] += 1
+        self.phase_counts[self.phase] += 1
+
     def fused_attention(self, attention, args, kwargs):
-        self.counts["scaled_dot_product_attention"] += 1
+        self.count("scaled_dot_product_attention")
         return run_hidden(self, attention, args, kwargs)
 
 
@@ -162,7 +171,9 @@ def fake_training_step(name, precision, batch, latent_size, observed):
 
 
 def training_step_launches(name, precision, batch, latent_size):
-    return fake_training_step(name, precision, batch, latent_size, counting).counts
+    """(launches by operator, launches by phase of the step)."""
+    counter = fake_training_step(name, precision, batch, latent_size, counting)
+    return counter.counts, counter.phase_counts
 
 
 def measure(args):
@@ -170,21 +181,23 @@ def measure(args):
     for name in args.models:
         for precision in args.precisions:
             inference = inference_launches(name, precision, args.batch, args.latent_size)
-            training = training_step_launches(name, precision, args.batch, args.latent_size)
+            training, phases = training_step_launches(name, precision, args.batch, args.latent_size)
             rows.append(dict(model=name, precision=precision, inference=sum(inference.values()),
                              inference_casts=inference["_to_copy"], training_step=sum(training.values()),
-                             training_casts=training["_to_copy"]))
+                             training_casts=training["_to_copy"],
+                             training_forward_backward=phases["forward"] + phases["backward"]))
             print(markdown_row(rows[-1]), flush=True)
     return rows
 
 
 TABLE_HEADER = ("| model | precision | inference forward, CUDA dispatch | of them casts | masked training step, CPU "
-                "dispatch | of them casts |\n|---|---|---|---|---|---|")
+                "dispatch | of them casts | of them forward and backward (--cuda-graphs replays them) |\n"
+                "|---|---|---|---|---|---|---|")
 
 
 def markdown_row(row):
     return (f"| {row['model']} | {row['precision']} | {row['inference']} | {row['inference_casts']} | "
-            f"{row['training_step']} | {row['training_casts']} |")
+            f"{row['training_step']} | {row['training_casts']} | {row['training_forward_backward']} |")
 
 
 def markdown(result):

@@ -22,6 +22,7 @@ and an EMA updated one parameter at a time.
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -46,7 +47,8 @@ from runtime.io import atomic_path  # noqa: E402
 from sampling.sampler import PRECISIONS, Sampler, guided_model_fn  # noqa: E402
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
 from training.flat_adan import FlatAdan  # noqa: E402
-from training.step import fused_micro_batch_losses, micro_batch_losses  # noqa: E402
+from training.graphed_losses import TrainingLosses, graph_training_losses  # noqa: E402
+from training.step import micro_batch_losses, per_sample_losses  # noqa: E402
 
 PLAIN_PREFIX = "plain:"  # "plain:DiT-S/2" is the timm-style DiT of benchmarks/plain_dit.py
 LATENT_CHANNELS = 4
@@ -199,21 +201,25 @@ def make_inputs(batch, latent_size, device, generator):
     return x, y, t
 
 
-def training_step_fn(variant, masked, x, y, args, device):
-    """One step: forward and backward (masked: full plus masked loss), Adan, EMA update."""
+def training_step_fn(variant, masked, x, y, args, device, cuda_graphs=False):
+    """One step: forward and backward (masked: full plus masked loss), Adan, EMA update; with
+    cuda_graphs the losses' forward and backward replay from CUDA graphs (training/graphed_losses.py)."""
     diffusion = create_diffusion(timestep_respacing="")
     schedule_sampler = create_named_schedule_sampler("uniform", diffusion)
     network = variant.model
-
-    def losses():
-        if masked and variant.fast and network.fuses_masked_batch:
-            return fused_micro_batch_losses(network, diffusion, schedule_sampler, x, y)
-        mask_flag = network.masked_training_flag if masked else None
-        return micro_batch_losses(network, diffusion, schedule_sampler, x, y, mask_flag)
+    mask_flag = network.masked_training_flag if masked else None
+    fused = masked and variant.fast and network.fuses_masked_batch
+    if cuda_graphs:
+        losses = TrainingLosses(network, diffusion, mask_flag, fused, args.mixed_precision).train()
+        losses_of = graph_training_losses(losses, x.shape[1:], x.shape[0], device)
+        precision = contextlib.nullcontext  # the graphs hold their casts
+    else:
+        losses_of = functools.partial(per_sample_losses, network, diffusion, mask_flag=mask_flag, fused=fused)
+        precision = functools.partial(autocast, device, args.mixed_precision)
 
     def step():
-        with record_function(STEP_PHASE_PREFIX + "forward"), autocast(device, args.mixed_precision):
-            full, masked_loss = losses()
+        with record_function(STEP_PHASE_PREFIX + "forward"), precision():
+            full, masked_loss = micro_batch_losses(losses_of, schedule_sampler, x, y)
         with record_function(STEP_PHASE_PREFIX + "backward"):
             (full + masked_loss).backward()
         with record_function(STEP_PHASE_PREFIX + "optimizer"):

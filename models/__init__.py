@@ -8,7 +8,7 @@ from .macs import count_macs, count_masked_macs, count_trainable_parameters
 from .mdt import MDT_models, MDTv2
 
 __all__ = ["ALL_MODELS", "CUSTOM_MODELS", "DiT", "DiT_models", "EDT", "EDT_models", "GuidedDiffusionModel",
-           "MDT_models", "MDTv2", "build_model", "count_macs", "count_masked_macs", "count_trainable_parameters", "create_model",
+           "MDT_models", "MDTv2", "build_model", "model_class", "count_macs", "count_masked_macs", "count_trainable_parameters", "create_model",
            "load_checkpoint", "model_config"]
 
 ALL_MODELS = {**EDT_models, **DiT_models, **MDT_models}
@@ -23,6 +23,11 @@ def create_model(name, **kwargs):
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(builders)}")
     return builders[name](**kwargs)
+
+
+def model_class(name):
+    """The class a registered or bare model name builds (EDT-S/2 -> EDT)."""
+    return CUSTOM_MODELS[name.split("-")[0]]
 
 
 def model_config(name, **kwargs):

@@ -148,6 +148,8 @@ class GuidedDiffusionModel(nn.Module, FastPathSwitch):
     # Whether the forward takes `mask_start`, masking only part of the batch, so that a training
     # step can run its full-token and masked passes as one batch.
     fuses_masked_batch = False
+    # Whether the masked training forward keeps its tensors' shapes (CUDA graphs of the training step).
+    masking_keeps_shapes = True
 
     def __init__(self):
         super().__init__()

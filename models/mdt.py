@@ -76,6 +76,7 @@ class MDTv2(GuidedDiffusionModel):
     """
 
     masked_training_flag = "enable_mask"
+    masking_keeps_shapes = False  # the masked pass keeps a random number of tokens
 
     def __init__(
         self,

@@ -17,6 +17,8 @@ from accelerate.state import AcceleratorState
 import models
 import train_mask_adan
 import training.build
+import training.loop
+import training.setup
 from diffusion import create_diffusion
 from latents import LatentDataset
 from latents.shards import plan_shards, write_manifest, write_shard
@@ -210,6 +212,40 @@ def test_bf16_training_with_compiled_blocks_follows_eager(features, tmp_path, bf
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 kernels round differently
     for name, value in eager.model.state_dict().items():
         torch.testing.assert_close(compiled.model.state_dict()[name], value, atol=5e-3, rtol=0, msg=name)
+
+
+def test_cuda_graph_training_without_its_capture_trains_as_the_default(features, tmp_path, bf16_accelerator_state,
+                                                                       monkeypatch):
+    """--cuda-graphs on the CPU with torch's capture left out (it needs CUDA; the GPU protocol
+    checks it against eager): the losses module, its autocast and its DDP-ready preparation give
+    the default run's checkpoint bit for bit."""
+    options = ["--global-batch-size", "4", "--max-steps", "2", "--mixed-precision", "bf16", "--fused-mask-batch"]
+    train(features, tmp_path / "default", *options)
+    captured = []
+
+    def without_capture(losses, latent_shape, batch_size, device):
+        captured.append((type(losses).__name__, losses.training, latent_shape, batch_size, device.type))
+        forward = losses.forward
+
+        def as_replayed(*args):  # a replay runs what was captured, outside accelerate's autocast
+            with torch.autocast(device.type, enabled=False):
+                return forward(*args)
+        losses.forward = as_replayed
+        return losses
+    monkeypatch.setattr(training.setup, "graphing_problem", lambda *args: None)
+    monkeypatch.setattr(training.loop, "graph_training_losses", without_capture)
+    train(features, tmp_path / "graphed", *options, "--cuda-graphs")
+    assert captured == [("TrainingLosses", True, (4, 8, 8), 4, "cpu")]
+    default, graphed = (read_checkpoint(os.path.join(checkpoint_files(tmp_path / run)[1], "checkpoints", "0000002.pt"))
+                        for run in ("default", "graphed"))
+    for key in ("model", "ema", "opt"):
+        assert_same_tree(graphed[key], default[key], key)
+
+
+def test_cuda_graphs_on_the_cpu_stop_before_any_folder(features, tmp_path):
+    with pytest.raises(SystemExit, match="error: --cuda-graphs needs a GPU"):
+        train(features, tmp_path / "results", "--global-batch-size", "4", "--max-steps", "1", "--cuda-graphs")
+    assert not os.path.exists(tmp_path / "results")
 
 
 def test_exact_decoder_nll_is_an_option_of_the_training_diffusion(features, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The training loop: epochs of steps, EMA, logging, periodic checkpoints, and what happens
 after bad steps (training/guard.py)."""
+import functools
 import math
 import time
 
@@ -13,7 +14,8 @@ from .guard import TooManyBadSteps, describe_bad_step
 from .preemption import PreemptionWatch
 from .schedule import learning_rate, set_learning_rate
 from .setup import latest_checkpoint
-from .step import optimization_step
+from .graphed_losses import TrainingLosses, graph_training_losses
+from .step import optimization_step, per_sample_losses
 
 MAX_ROLLBACKS_PER_CHECKPOINT = 3  # then the bad steps follow the checkpoint, not the data
 
@@ -62,10 +64,21 @@ def total_steps(args, steps_per_epoch):
     return min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
 
-def prepare_model(args, run, state):
+def prepare_training(args, run, state, diffusion, data):
+    """(the prepared module that holds the parameters, losses_of(x, y, t) -> per-sample losses,
+    the prepared optimizer); with --cuda-graphs the losses replay from CUDA graphs."""
     if args.compile:
         state.model.compile_blocks()
-    return run.accelerator.prepare(state.model, state.optimizer)
+    mask_flag = None if args.no_mask else state.model.masked_training_flag
+    fused = args.fused_mask_batch and mask_flag is not None
+    if not args.cuda_graphs:
+        model, optimizer = run.accelerator.prepare(state.model, state.optimizer)
+        return model, functools.partial(per_sample_losses, model, diffusion, mask_flag=mask_flag, fused=fused), optimizer
+    losses = TrainingLosses(state.model, diffusion, mask_flag, fused, args.mixed_precision).train()
+    losses = graph_training_losses(losses, data.dataset.latent_shape, run.mini_batch_size, run.device)
+    losses, optimizer = run.accelerator.prepare(losses, state.optimizer)
+    run.logger.info("the training losses' forward and backward replay from CUDA graphs")
+    return losses, losses, optimizer
 
 
 def log_progress(run, state, meter, global_batch_size, lr, progress):
@@ -93,14 +106,14 @@ def evaluate(evaluator, state, meter):
     meter.exclude(time.perf_counter() - start)
 
 
-def train_step(args, run, state, model, optimizer, diffusion, micro_batches, mask_flag):
+def train_step(args, run, state, model, losses_of, optimizer, micro_batches):
     """One optimizer update and its EMA update, both skipped for a step that is not finite;
-    returns (losses, learning rate, StepCheck, this process's timesteps)."""
+    returns (losses, learning rate, StepCheck, this process's timesteps). model, losses_of,
+    optimizer: as prepare_training returns them."""
     lr = learning_rate(state.step, args.init_lr, args.final_lr, args.lr_decay_steps)
     set_learning_rate(optimizer, lr)
-    losses, check, timesteps = optimization_step(run.accelerator, model, optimizer, diffusion,
-                                                 state.schedule_sampler, micro_batches, mask_flag=mask_flag,
-                                                 fused=args.fused_mask_batch, grad_clip=args.grad_clip)
+    losses, check, timesteps = optimization_step(run.accelerator, model, losses_of, optimizer, state.schedule_sampler,
+                                                 micro_batches, grad_clip=args.grad_clip)
     if not check.skipped:
         decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
         update_ema(state.ema, state.model, decay)
@@ -162,20 +175,18 @@ def train(args, run, state, diffusion, data, evaluator=None):
 
     On SIGTERM it saves at the next step boundary and returns early (--resume latest goes on
     bit-exactly). Returns True when training reached its last step."""
-    model, optimizer = prepare_model(args, run, state)
+    model, losses_of, optimizer = prepare_training(args, run, state, diffusion, data)
     model.train()  # enables label dropout for classifier-free guidance
     last_step = total_steps(args, data.steps_per_epoch)
     saved_step = state.step if state.step else None  # a resumed run's checkpoint exists
     progress = tqdm(total=last_step, initial=state.step, unit="step", disable=not run.is_main)
     meter = LossMeter()
-    mask_flag = None if args.no_mask else state.model.masked_training_flag
     run.logger.info(f"training from step {state.step} (epoch {state.epoch}) to step {last_step}")
     preempted = False
     with PreemptionWatch(run.accelerator) as preemption:
         while state.step < last_step and not preempted:
             for micro_batches in data.steps(state.epoch, state.epoch_step):
-                losses, lr, check, timesteps = train_step(args, run, state, model, optimizer, diffusion,
-                                                          micro_batches, mask_flag)
+                losses, lr, check, timesteps = train_step(args, run, state, model, losses_of, optimizer, micro_batches)
                 state.advance(data.steps_per_epoch)
                 meter.add(losses, check)
                 progress.update(1)

@@ -10,11 +10,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+import models
 from runtime.checkpoint import CheckpointError, read_checkpoint
 from runtime.distributed import init_distributed
 from runtime.logging import create_logger
 
 from .config import ConfigError
+from .graphed_losses import graphing_problem
 
 CHECKPOINT_NAME = re.compile(r"(\d+)\.pt")  # checkpoints/{step:07d}.pt
 EXPERIMENT_NAME = re.compile(r"(\d+)-(.+)")  # {index:03d}-{model name with / as -}
@@ -216,6 +218,10 @@ def setup_run(args, config):
     accelerator = create_accelerator(args.mixed_precision)
     mini_batch_size, accumulation_steps = batch_plan(
         args.global_batch_size, args.mini_batch_size, accelerator.num_processes)
+    problem = args.cuda_graphs and graphing_problem(models.model_class(config.model_name), not args.no_mask,
+                                                    accumulation_steps, args.grad_checkpointing, accelerator.device)
+    if problem:
+        raise ConfigError(problem)
     if config.num_images < args.global_batch_size:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} exceeds the "
                           f"{config.num_images} images in {args.feature_path}")
