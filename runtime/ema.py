@@ -18,8 +18,7 @@ def update_ema(ema_model, model, decay):
     ema_params = list(ema_model.parameters())
     model_params = [param.detach() for param in model.parameters()]
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+    torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
 
 
 def warmed_up_decay(decay, step):

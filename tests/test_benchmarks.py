@@ -81,11 +81,13 @@ def test_foreach_ema_equals_per_parameter_loop():
     for step in range(3):
         for param in model.parameters():
             param.data.add_(torch.randn_like(param), alpha=0.1)
+        model.pos_embed.add_(1.0)  # buffers are copied, not averaged
         update_ema(ema_foreach, model, 0.9)
         speed.per_parameter_ema(ema_loop, model, 0.9)
     for (name, a), b in zip(ema_foreach.state_dict().items(), ema_loop.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
     assert not torch.allclose(ema_foreach.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(ema_foreach.pos_embed, model.pos_embed, atol=0, rtol=0)
 
 
 def test_plain_dit_loads_our_dit_weights_and_computes_the_same():
