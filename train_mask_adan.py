@@ -21,8 +21,10 @@ norm; loss spikes are logged (training/guard.py). --eval-every K --eval-images N
 --eval-reference REF.npz logs the EMA model's FID (and Inception Score) every K steps, from N
 images sampled with the sampling scripts' sampler (--eval-sampler, --eval-sampling-steps,
 --eval-cfg-scale) and scored by ADM's Inception graph in PyTorch (training/evaluation.py).
---unconditional ignores the labels. Checkpoints record the features' VAE, latent normalisation
-and class names, which the sampling scripts, the demo and the diffusers converter read.
+--cuda-graphs (GPU) replays each step's forward and backward from CUDA graphs
+(training/graphed_losses.py). --unconditional ignores the labels. Checkpoints record the
+features' VAE, latent normalisation and class names, which the sampling scripts, the demo and
+the diffusers converter read.
 --init-from CKPT fine-tunes a released or earlier model on other classes, image size or VAE:
 what fits is loaded, class rows are kept by name (--init-class-names FILE names a released
 checkpoint's classes), the rest starts as in a new model (training/initialise.py).

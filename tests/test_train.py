@@ -217,10 +217,11 @@ def test_bf16_training_with_compiled_blocks_follows_eager(features, tmp_path, bf
 def test_cuda_graph_training_without_its_capture_trains_as_the_default(features, tmp_path, bf16_accelerator_state,
                                                                        monkeypatch):
     """--cuda-graphs on the CPU with torch's capture left out (it needs CUDA; the GPU protocol
-    checks it against eager): the losses module, its autocast and its DDP-ready preparation give
-    the default run's checkpoint bit for bit."""
-    options = ["--global-batch-size", "4", "--max-steps", "2", "--mixed-precision", "bf16", "--fused-mask-batch"]
-    train(features, tmp_path / "default", *options)
+    checks it against eager): EDT-S/2's losses module, its autocast and its DDP-ready preparation
+    give the default run's checkpoint bit for bit."""
+    options = ["--feature-path", features, "--model", "EDT-S/2", "--amm-blocks", "none", "--num-workers", "0",
+               "--global-batch-size", "4", "--max-steps", "2", "--mixed-precision", "bf16", "--fused-mask-batch"]
+    train_mask_adan.main([*options, "--results-dir", str(tmp_path / "default")])
     captured = []
 
     def without_capture(losses, latent_shape, batch_size, device):
@@ -234,7 +235,7 @@ def test_cuda_graph_training_without_its_capture_trains_as_the_default(features,
         return losses
     monkeypatch.setattr(training.setup, "graphing_problem", lambda *args: None)
     monkeypatch.setattr(training.loop, "graph_training_losses", without_capture)
-    train(features, tmp_path / "graphed", *options, "--cuda-graphs")
+    train_mask_adan.main([*options, "--results-dir", str(tmp_path / "graphed"), "--cuda-graphs"])
     assert captured == [("TrainingLosses", True, (4, 8, 8), 4, "cpu")]
     default, graphed = (read_checkpoint(os.path.join(checkpoint_files(tmp_path / run)[1], "checkpoints", "0000002.pt"))
                         for run in ("default", "graphed"))
