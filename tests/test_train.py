@@ -243,6 +243,49 @@ def test_cuda_graph_training_without_its_capture_trains_as_the_default(features,
         assert_same_tree(graphed[key], default[key], key)
 
 
+GRAPHED_DDP_DRIVER = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, {repo!r})
+    import train_mask_adan
+    import training.loop, training.setup
+
+    def without_capture(losses, latent_shape, batch_size, device):
+        forward = losses.forward
+
+        def as_replayed(*args):
+            with torch.autocast(device.type, enabled=False):
+                return forward(*args)
+        losses.forward = as_replayed
+        return losses
+
+    options, results = sys.argv[2:], sys.argv[1]
+    train_mask_adan.main([*options, "--results-dir", results + "/default"])
+    training.setup.graphing_problem = lambda *args: None
+    training.loop.graph_training_losses = without_capture
+    train_mask_adan.main([*options, "--results-dir", results + "/graphed", "--cuda-graphs"])
+""")
+
+
+def test_cuda_graph_training_without_its_capture_trains_two_processes_as_the_default(features, tmp_path):
+    """The same on two processes, where accelerate wraps the losses module, not the model, in DDP."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(GRAPHED_DDP_DRIVER.format(repo=REPO_ROOT))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver), str(tmp_path),
+               "--feature-path", features, "--model", "EDT-S/2", "--amm-blocks", "none", "--num-workers", "0",
+               "--global-batch-size", "4", "--max-steps", "2", "--fused-mask-batch"]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    default, graphed = (read_checkpoint(os.path.join(checkpoint_files(tmp_path / run)[1], "checkpoints", "0000002.pt"))
+                        for run in ("default", "graphed"))
+    assert graphed["world_size"] == 2
+    for key in ("model", "ema", "opt"):
+        assert_same_tree(graphed[key], default[key], key)
+    assert "replay from CUDA graphs" in open(os.path.join(checkpoint_files(tmp_path / "graphed")[1], "log.txt")).read()
+
+
 def test_cuda_graphs_on_the_cpu_stop_before_any_folder(features, tmp_path):
     with pytest.raises(SystemExit, match="error: --cuda-graphs needs a GPU"):
         train(features, tmp_path / "results", "--global-batch-size", "4", "--max-steps", "1", "--cuda-graphs")
