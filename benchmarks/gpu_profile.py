@@ -285,8 +285,9 @@ def main(argv=None):
         result["rows"].append(row)
         print(f"{row['case']}: wall {row['wall_ms']:.2f} ms, kernels {row['kernel_ms']:.2f} ms "
               f"({row['busy_fraction']:.0%} busy), {row['launches']:.0f} launches", flush=True)
-    result["seconds"] = time.perf_counter() - started
-    gpu_protocol.write_report(result, markdown(result), args.out, "profile")
+        result["seconds"] = time.perf_counter() - started
+        # After every case, so that a run stopped by a time limit keeps what it measured.
+        gpu_protocol.write_report(result, markdown(result), args.out, "profile")
     print(markdown(result))
     print(f"profile: {result['seconds']:.0f} s; written to {args.out}/profile.md, profile.json, tables/, traces/")
     return result

@@ -365,6 +365,8 @@ def markdown(result):
                      f"{row['ours_ms']:.2f} | {row['other']} | {row['other_ms']:.2f} | {row['ratio']:.2f}x | {paper} | "
                      f"{row['mac_ratio']:.2f}x | {row['ours_tflops']:.3g} ({row['ours_matmul_fraction']:.0%}) | "
                      f"{row['other_tflops']:.3g} ({row['other_matmul_fraction']:.0%}) |")
+    if len(result["rows"]) < result["planned_rows"]:
+        lines += ["", f"Cut off after {len(result['rows'])} of {result['planned_rows']} rows."]
     lines += ["", "Checks on this device:"]
     lines += [f"- {name}: {value:.2e}" if isinstance(value, float) else f"- {name}: {value}"
               for name, value in result["checks"].items()]
@@ -432,14 +434,19 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    result = {"settings": settings_record(args, device), "matmul_tflops": matmul_tflops(device), "rows": []}
+    planned = comparisons(args)
+    result = {"settings": settings_record(args, device), "matmul_tflops": matmul_tflops(device), "rows": [],
+              "planned_rows": len(planned) * len(args.precisions)}
     with flex_attention_at_inference(args.attention_kernel == "flex"):
         result["checks"] = correctness_checks(args, device)
-        for comparison in comparisons(args):
+        for comparison in planned:
             for precision in args.precisions:
                 summaries = measure_pair(comparison, precision, args, device)
                 result["rows"].append(row_for(comparison, precision, summaries, result["matmul_tflops"]))
                 print(markdown_row_line(result["rows"][-1]), flush=True)
+                result["seconds"] = time.perf_counter() - started
+                # After every row, so that a run stopped by a time limit keeps what it measured.
+                write_report(result, markdown(result), args.out, "protocol")
             release_memory(device)
     result["seconds"] = time.perf_counter() - started
     write_report(result, markdown(result), args.out, "protocol")

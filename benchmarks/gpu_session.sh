@@ -23,7 +23,8 @@
 # step's report (protocol.md, protocol_flat_adan.md, protocol_flex.md, profile.md,
 # attention_kernels.md) and session.tar.gz (every report, JSON and operator table; the Chrome
 # traces stay out, too large), each as soon as its step ends, so that a run cut off keeps what it
-# measured. GPU_SESSION_ARGS is added to every step: "--tiny --device cpu" runs the same steps on
+# measured; the protocol and the profile rewrite their report after every row, so a step stopped
+# by its time limit keeps its rows too. GPU_SESSION_ARGS is added to every step: "--tiny --device cpu" runs the same steps on
 # small models without a GPU, as a check.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_session.sh OUT [RELEASE_CHECKOUT]}"

@@ -217,6 +217,22 @@ def test_gpu_protocol_trains_with_flat_adan_when_asked(tmp_path, monkeypatch):
     assert "optimizer: FlatAdan" in (tmp_path / "protocol.md").read_text()
 
 
+def test_gpu_protocol_stopped_midway_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    measure_pair = gpu_protocol.measure_pair
+
+    def stopped_at_the_second(comparison, *args):
+        if comparison.other != "MDTv2-S/2":
+            raise KeyboardInterrupt  # as a time limit would stop it
+        return measure_pair(comparison, *args)
+    monkeypatch.setattr(gpu_protocol, "measure_pair", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_protocol.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--measurements", "inference",
+                           "--precisions", "fp32", "--warmup", "0", "--repeats", "1"])
+    table = (tmp_path / "protocol.md").read_text()
+    assert "| inference | fp32 | EDT-S/2 |" in table and "Cut off after 1 of 2 rows." in table
+    assert len(json.loads((tmp_path / "protocol.json").read_text())["rows"]) == 1
+
+
 def test_gpu_protocol_refuses_a_folder_without_the_release_model(tmp_path):
     with pytest.raises(SystemExit, match="has no models_edt.py"):
         gpu_protocol.parse_args(["--out", str(tmp_path), "--release-code", str(tmp_path)])
