@@ -18,7 +18,9 @@ def update_ema(ema_model, model, decay):
     ema_params = list(ema_model.parameters())
     model_params = [param.detach() for param in model.parameters()]
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-    torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
+    ema_buffers = list(ema_model.buffers())
+    if ema_buffers:  # the multi-tensor copy refuses empty lists (the release's EDT has no buffers)
+        torch._foreach_copy_(ema_buffers, list(model.buffers()))
 
 
 def warmed_up_decay(decay, step):

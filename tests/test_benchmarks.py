@@ -88,6 +88,8 @@ def test_foreach_ema_equals_per_parameter_loop():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
     assert not torch.allclose(ema_foreach.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(ema_foreach.pos_embed, model.pos_embed, atol=0, rtol=0)
+    without_buffers = torch.nn.Linear(2, 2)  # as the release's EDT
+    update_ema(create_ema(without_buffers), without_buffers, 0.9)
 
 
 def test_plain_dit_loads_our_dit_weights_and_computes_the_same():
