@@ -8,8 +8,8 @@ from .macs import count_macs, count_masked_macs, count_trainable_parameters
 from .mdt import MDT_models, MDTv2
 
 __all__ = ["ALL_MODELS", "CUSTOM_MODELS", "DiT", "DiT_models", "EDT", "EDT_models", "GuidedDiffusionModel",
-           "MDT_models", "MDTv2", "build_model", "model_class", "count_macs", "count_masked_macs", "count_trainable_parameters", "create_model",
-           "load_checkpoint", "model_config"]
+           "MDT_models", "MDTv2", "build_model", "count_macs", "count_masked_macs", "count_trainable_parameters", "create_model",
+           "load_checkpoint", "model_class", "model_config"]
 
 ALL_MODELS = {**EDT_models, **DiT_models, **MDT_models}
 # Bare class names build custom sizes from explicit arguments (dims, num_heads, depths, ...).

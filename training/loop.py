@@ -10,11 +10,11 @@ from tqdm import tqdm
 from runtime.checkpoint import read_checkpoint
 from runtime.ema import update_ema, warmed_up_decay
 
+from .graphed_losses import TrainingLosses, graph_training_losses
 from .guard import TooManyBadSteps, describe_bad_step
 from .preemption import PreemptionWatch
 from .schedule import learning_rate, set_learning_rate
 from .setup import latest_checkpoint
-from .graphed_losses import TrainingLosses, graph_training_losses
 from .step import optimization_step, per_sample_losses
 
 MAX_ROLLBACKS_PER_CHECKPOINT = 3  # then the bad steps follow the checkpoint, not the data

@@ -62,9 +62,9 @@ def optimization_step(accelerator, model, losses_of, optimizer, schedule_sampler
     model: the prepared (DDP-wrapped) module that holds the parameters; losses_of: as in
     micro_batch_losses. Gradients are all-reduced only on the last micro-batch (DDP's no_sync
     before it); each micro-batch's loss is divided by their number, so the update sees the mean
-    gradient. grad_clip: the global gradient norm is clipped to it. Every
-    process agrees whether the step is finite (training/guard.py): a skipped step updates
-    neither the parameters, the optimizer state nor the timestep sampler."""
+    gradient. grad_clip: the global gradient norm is clipped to it. Every process agrees whether
+    the step is finite (training/guard.py): a skipped step updates neither the parameters, the
+    optimizer state nor the timestep sampler."""
     accumulation_steps = len(micro_batches)
     full_sum = masked_sum = 0.0
     feedback = []
