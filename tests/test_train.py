@@ -26,6 +26,8 @@ from runtime.checkpoint import load_checkpoint, read_checkpoint
 from training.data import EpochBatches
 from training.schedule import default_init_lr, learning_rate
 
+from replay_stand_in import replayed_without_capture
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_LATENTS = 16
 NUM_CLASSES = 3
@@ -214,55 +216,48 @@ def test_bf16_training_with_compiled_blocks_follows_eager(features, tmp_path, bf
         torch.testing.assert_close(compiled.model.state_dict()[name], value, atol=5e-3, rtol=0, msg=name)
 
 
+def assert_graphed_run_trains_as_the_default(results):
+    default, graphed = (read_checkpoint(os.path.join(checkpoint_files(results / run)[1], "checkpoints", "0000002.pt"))
+                        for run in ("default", "graphed"))
+    for key in ("model", "ema", "opt"):
+        assert_same_tree(graphed[key], default[key], key)
+    assert "replay from CUDA graphs" in open(os.path.join(checkpoint_files(results / "graphed")[1], "log.txt")).read()
+    return graphed
+
+
 def test_cuda_graph_training_without_its_capture_trains_as_the_default(features, tmp_path, bf16_accelerator_state,
                                                                        monkeypatch):
     """--cuda-graphs on the CPU with torch's capture left out (it needs CUDA; the GPU protocol
     checks it against eager): EDT-S/2's losses module, its autocast and its DDP-ready preparation
-    give the default run's checkpoint bit for bit."""
+    give the default run's checkpoint bit for bit, on two threads."""
+    torch.set_num_threads(2)  # the module's fixture puts the count back
     options = ["--feature-path", features, "--model", "EDT-S/2", "--amm-blocks", "none", "--num-workers", "0",
                "--global-batch-size", "4", "--max-steps", "2", "--mixed-precision", "bf16", "--fused-mask-batch"]
     train_mask_adan.main([*options, "--results-dir", str(tmp_path / "default")])
     captured = []
 
-    def without_capture(losses, latent_shape, batch_size, device):
+    def recorded(losses, latent_shape, batch_size, device):
         captured.append((type(losses).__name__, losses.training, latent_shape, batch_size, device.type))
-        forward = losses.forward
-
-        def as_replayed(*args):  # a replay runs what was captured, outside accelerate's autocast
-            with torch.autocast(device.type, enabled=False):
-                return forward(*args)
-        losses.forward = as_replayed
-        return losses
+        return replayed_without_capture(losses, latent_shape, batch_size, device)
     monkeypatch.setattr(training.setup, "graphing_problem", lambda *args: None)
-    monkeypatch.setattr(training.loop, "graph_training_losses", without_capture)
+    monkeypatch.setattr(training.loop, "graph_training_losses", recorded)
     train_mask_adan.main([*options, "--results-dir", str(tmp_path / "graphed"), "--cuda-graphs"])
     assert captured == [("TrainingLosses", True, (4, 8, 8), 4, "cpu")]
-    default, graphed = (read_checkpoint(os.path.join(checkpoint_files(tmp_path / run)[1], "checkpoints", "0000002.pt"))
-                        for run in ("default", "graphed"))
-    for key in ("model", "ema", "opt"):
-        assert_same_tree(graphed[key], default[key], key)
+    assert_graphed_run_trains_as_the_default(tmp_path)
 
 
 GRAPHED_DDP_DRIVER = textwrap.dedent("""
-    import sys
-    import torch
+    import os, sys
     sys.path.insert(0, {repo!r})
+    sys.path.append(os.path.join({repo!r}, "tests"))
     import train_mask_adan
     import training.loop, training.setup
-
-    def without_capture(losses, latent_shape, batch_size, device):
-        forward = losses.forward
-
-        def as_replayed(*args):
-            with torch.autocast(device.type, enabled=False):
-                return forward(*args)
-        losses.forward = as_replayed
-        return losses
+    from replay_stand_in import replayed_without_capture
 
     options, results = sys.argv[2:], sys.argv[1]
     train_mask_adan.main([*options, "--results-dir", results + "/default"])
     training.setup.graphing_problem = lambda *args: None
-    training.loop.graph_training_losses = without_capture
+    training.loop.graph_training_losses = replayed_without_capture
     train_mask_adan.main([*options, "--results-dir", results + "/graphed", "--cuda-graphs"])
 """)
 
@@ -278,12 +273,7 @@ def test_cuda_graph_training_without_its_capture_trains_two_processes_as_the_def
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    default, graphed = (read_checkpoint(os.path.join(checkpoint_files(tmp_path / run)[1], "checkpoints", "0000002.pt"))
-                        for run in ("default", "graphed"))
-    assert graphed["world_size"] == 2
-    for key in ("model", "ema", "opt"):
-        assert_same_tree(graphed[key], default[key], key)
-    assert "replay from CUDA graphs" in open(os.path.join(checkpoint_files(tmp_path / "graphed")[1], "log.txt")).read()
+    assert assert_graphed_run_trains_as_the_default(tmp_path)["world_size"] == 2
 
 
 def test_cuda_graphs_on_the_cpu_stop_before_any_folder(features, tmp_path):

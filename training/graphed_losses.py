@@ -16,9 +16,9 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .step import per_sample_losses
+from sampling.sampler import PRECISIONS
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from .step import per_sample_losses
 
 
 class AutocastModel(nn.Module):
@@ -45,7 +45,7 @@ class TrainingLosses(nn.Module):
 
     def __init__(self, model, diffusion, mask_flag, fused, mixed_precision):
         super().__init__()
-        self.model = AutocastModel(model, AUTOCAST_DTYPES.get(mixed_precision))
+        self.model = AutocastModel(model, PRECISIONS[mixed_precision])
         self.diffusion = diffusion
         self.mask_flag = mask_flag
         self.fused = fused

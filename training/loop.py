@@ -70,7 +70,7 @@ def prepare_training(args, run, state, diffusion, data):
     if args.compile:
         state.model.compile_blocks()
     mask_flag = None if args.no_mask else state.model.masked_training_flag
-    fused = args.fused_mask_batch and mask_flag is not None
+    fused = args.fused_mask_batch
     if not args.cuda_graphs:
         model, optimizer = run.accelerator.prepare(state.model, state.optimizer)
         return model, functools.partial(per_sample_losses, model, diffusion, mask_flag=mask_flag, fused=fused), optimizer
