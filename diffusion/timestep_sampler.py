@@ -2,12 +2,15 @@
 keeps the weighted loss an unbiased estimate of the uniform-t loss.
 
 Timesteps are drawn on the CPU with `generator` when one is given (a CPU torch.Generator),
-otherwise with the global torch RNG; seed it per rank so ranks draw different timesteps.
+otherwise with the global torch RNG; seed it per rank so ranks draw different timesteps. They
+reach the device without a host synchronisation (runtime/host_copies.py).
 """
 from abc import ABC, abstractmethod
 
 import torch
 import torch.distributed as dist
+
+from runtime.host_copies import to_device_without_waiting
 
 HISTORY_PER_TERM = 10  # losses remembered per timestep
 UNIFORM_PROB = 0.001  # share of probability mass spread uniformly, so no timestep starves
@@ -31,7 +34,8 @@ class ScheduleSampler(ABC):
         probs = weights / weights.sum()  # (T,)
         timesteps = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
         importance = 1.0 / (len(probs) * probs[timesteps])
-        return timesteps.to(device), importance.float().to(device)
+        device = torch.device(device)
+        return to_device_without_waiting(timesteps, device), to_device_without_waiting(importance.float(), device)
 
     def update_with_local_losses(self, local_ts, local_losses):
         """Feeds back this rank's losses; a no-op unless the sampler learns from losses."""

@@ -18,6 +18,8 @@ import math
 import torch
 from timm.optim import Adan
 
+from runtime.host_copies import to_device_without_waiting
+
 STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
 
@@ -132,4 +134,4 @@ class FlatAdan(Adan):
         step, lr, weight_decay = group["step"], group["lr"], group["weight_decay"]
         decay = 1 - lr * weight_decay if group["no_prox"] else 1 + lr * weight_decay
         values = (lr / (1 - beta1 ** step), lr * beta2 / (1 - beta2 ** step), math.sqrt(1 - beta3 ** step), decay)
-        return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+        return to_device_without_waiting(torch.tensor(values, dtype=like.dtype), like.device)

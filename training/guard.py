@@ -1,11 +1,13 @@
 """Training that survives bad steps: gradient clipping, non-finite steps skipped by every process
 alike, a stop or a rollback after too many in a row, and loss-spike alarms.
 
-Each step every process puts its loss and the gradient norm through one small all-reduce (the
-gradients are already all-reduced, so the norm is the global one): a step whose loss or gradient
+Each step every process puts its loss, the gradient norm and whether it was asked to stop
+(training/preemption.py) through one small all-reduce (the gradients are already all-reduced, so
+the norm is the global one), the one value the host waits for: a step whose loss or gradient
 norm is not finite on any process is skipped on all of them, before the optimizer, the EMA or the
-timestep sampler sees it. Under fp16 a non-finite gradient is the GradScaler's overflow, which
-skips the update and lowers the loss scale by itself: it is logged, not counted as bad.
+timestep sampler sees it, and all processes stop after the same step. Under fp16 a non-finite
+gradient is the GradScaler's overflow, which skips the update and lowers the loss scale by
+itself: it is logged, not counted as bad.
 """
 import collections
 import math
@@ -30,6 +32,7 @@ class StepCheck:
     grad_norm: float
     bad_ranks: List[int]  # processes whose loss was not finite
     overflow: bool  # fp16: the gradient scaler skips this update itself
+    stop_requested: bool = False  # some process was asked to stop (preemption)
 
     @property
     def skipped(self):
@@ -51,23 +54,24 @@ def gradient_norm(accelerator, parameters, max_norm=None):
     return torch.nn.utils.get_total_norm([p.grad for p in parameters])
 
 
-def agree_on_step(accelerator, loss, grad_norm, fp16):
+def agree_on_step(accelerator, loss, grad_norm, fp16, stop_requested=False):
     """One all-reduce of [this process's loss is not finite, one slot per process; the loss;
-    the gradient norm] gives every process the same StepCheck."""
+    the gradient norm; this process was asked to stop] gives every process the same StepCheck."""
     world, rank = accelerator.num_processes, accelerator.process_index
     loss = loss.detach().float().reshape(())
     finite = torch.isfinite(loss)
-    local = torch.zeros(world + 2, device=loss.device)
+    local = torch.zeros(world + 3, device=loss.device)
     local[rank] = (~finite).float()
     local[world] = torch.where(finite, loss, torch.zeros_like(loss)) / world
     local[world + 1] = grad_norm.detach().float() / world  # the same on every process
+    local[world + 2] = float(stop_requested)  # a scalar fill: no copy from the host
     total = accelerator.reduce(local, reduction="sum") if world > 1 else local
     values = total.tolist()
     bad_ranks = [index for index in range(world) if values[index] > 0]
     mean_loss = float("nan") if bad_ranks else values[world]
     grad_norm_value = values[world + 1]
     overflow = fp16 and not math.isfinite(grad_norm_value)
-    return StepCheck(mean_loss, grad_norm_value, bad_ranks, overflow)
+    return StepCheck(mean_loss, grad_norm_value, bad_ranks, overflow, stop_requested=values[world + 2] > 0)
 
 
 @dataclass

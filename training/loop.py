@@ -106,14 +106,14 @@ def evaluate(evaluator, state, meter):
     meter.exclude(time.perf_counter() - start)
 
 
-def train_step(args, run, state, model, losses_of, optimizer, micro_batches):
+def train_step(args, run, state, model, losses_of, optimizer, micro_batches, stop_requested):
     """One optimizer update and its EMA update, both skipped for a step that is not finite;
     returns (losses, learning rate, StepCheck, this process's timesteps). model, losses_of,
-    optimizer: as prepare_training returns them."""
+    optimizer: as prepare_training returns them; stop_requested: this process was asked to stop."""
     lr = learning_rate(state.step, args.init_lr, args.final_lr, args.lr_decay_steps)
     set_learning_rate(optimizer, lr)
     losses, check, timesteps = optimization_step(run.accelerator, model, losses_of, optimizer, state.schedule_sampler,
-                                                 micro_batches, grad_clip=args.grad_clip)
+                                                 micro_batches, args.grad_clip, stop_requested)
     if not check.skipped:
         decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
         update_ema(state.ema, state.model, decay)
@@ -183,10 +183,11 @@ def train(args, run, state, diffusion, data, evaluator=None):
     meter = LossMeter()
     run.logger.info(f"training from step {state.step} (epoch {state.epoch}) to step {last_step}")
     preempted = False
-    with PreemptionWatch(run.accelerator) as preemption:
+    with PreemptionWatch() as preemption:
         while state.step < last_step and not preempted:
             for micro_batches in data.steps(state.epoch, state.epoch_step):
-                losses, lr, check, timesteps = train_step(args, run, state, model, losses_of, optimizer, micro_batches)
+                losses, lr, check, timesteps = train_step(args, run, state, model, losses_of, optimizer, micro_batches,
+                                                          preemption.requested)
                 state.advance(data.steps_per_epoch)
                 meter.add(losses, check)
                 progress.update(1)
@@ -203,7 +204,7 @@ def train(args, run, state, diffusion, data, evaluator=None):
                     evaluate(evaluator, state, meter)
                 if state.step >= last_step:
                     break
-                if preemption.should_stop():
+                if check.stop_requested:  # on every process alike: the step's all-reduce carried it
                     preempted = True
                     break
         progress.close()

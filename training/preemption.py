@@ -1,14 +1,12 @@
 """Preemption: SIGTERM (what SLURM, Kubernetes and torchrun send before they kill a job)
 becomes a request to checkpoint at the next step boundary and stop, agreed by every process.
 
-The handler only sets a flag; the loop asks `should_stop` once per step. With several
-processes the flags are summed in one tiny all-reduce, so all stop after the same step even
-when only one of them was signalled, and the checkpoint they write together is complete.
+The handler only sets a flag. Each step carries it in the all-reduce that checks the step
+(training/guard.py), so all processes stop after the same step even when only one of them was
+signalled, and the checkpoint they write together is complete.
 """
 import signal
 import threading
-
-import torch
 
 PREEMPTION_SIGNALS = (signal.SIGTERM,)
 
@@ -17,8 +15,7 @@ class PreemptionWatch:
     """A context manager that installs the handler (main thread only) and restores the
     previous one on exit."""
 
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
+    def __init__(self):
         self.received = None  # the signal number once one arrived
         self.previous = {}
 
@@ -36,13 +33,10 @@ class PreemptionWatch:
     def handle(self, signum, frame):
         self.received = signum
 
-    def should_stop(self):
-        """True on every process once any process has received a preemption signal."""
-        requested = self.received is not None
-        if self.accelerator.num_processes == 1:
-            return requested
-        flag = torch.tensor([int(requested)], device=self.accelerator.device)
-        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+    @property
+    def requested(self):
+        """This process has received a preemption signal."""
+        return self.received is not None
 
 
 def ignore_preemption_in_worker(worker_id):

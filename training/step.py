@@ -55,7 +55,8 @@ def give_feedback(schedule_sampler, t, losses, sampler_feedback):
         sampler_feedback.append((t, losses.detach()))
 
 
-def optimization_step(accelerator, model, losses_of, optimizer, schedule_sampler, micro_batches, grad_clip=None):
+def optimization_step(accelerator, model, losses_of, optimizer, schedule_sampler, micro_batches, grad_clip=None,
+                      stop_requested=False):
     """Forward and backward every micro-batch, then one optimizer update, unless the step is
     not finite on some process. Returns (StepLosses, StepCheck, this process's timesteps).
 
@@ -64,7 +65,8 @@ def optimization_step(accelerator, model, losses_of, optimizer, schedule_sampler
     before it); each micro-batch's loss is divided by their number, so the update sees the mean
     gradient. grad_clip: the global gradient norm is clipped to it. Every process agrees whether
     the step is finite (training/guard.py): a skipped step updates neither the parameters, the
-    optimizer state nor the timestep sampler."""
+    optimizer state nor the timestep sampler. stop_requested: this process was asked to stop; the
+    StepCheck says whether any was."""
     accumulation_steps = len(micro_batches)
     full_sum = masked_sum = 0.0
     feedback = []
@@ -78,7 +80,7 @@ def optimization_step(accelerator, model, losses_of, optimizer, schedule_sampler
     full_mean, masked_mean = full_sum / accumulation_steps, masked_sum / accumulation_steps
     grad_norm = gradient_norm(accelerator, model.parameters(), grad_clip)
     fp16 = accelerator.scaler is not None
-    check = agree_on_step(accelerator, full_mean + masked_mean, grad_norm, fp16)
+    check = agree_on_step(accelerator, full_mean + masked_mean, grad_norm, fp16, stop_requested)
     if fp16 or not check.skipped:  # under fp16 the gradient scaler skips an overflowing update itself
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
