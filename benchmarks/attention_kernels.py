@@ -7,12 +7,13 @@ explicit path in float32: the measurements behind `models.attention_kernels.choo
 For every case (model, stage, batch, mode) and dtype it times the explicit path and every fused
 candidate (SDPA at the head's width and zero-padded to 56 or 64, the AMM through two
 log-sum-exp passes), forward only at inference and forward plus backward in training, and
-marks the candidate that `choose_attention_kernel` takes. Two more candidates, taken by no default
-yet, are measured beside them: FlexAttention (the models' flex path, which
-`flex_attention_at_inference` turns on: the bias added in its score function, compiled on CUDA;
-on the CPU eager and at inference only, a check of its values) and, on CUDA, cuDNN's fused
-attention, each also for the AMM through their log-sum-exp. A candidate the device cannot run is
-reported as such.
+marks the candidate that `choose_attention_kernel` takes. Three more candidates, taken by no
+default yet, are measured beside them: FlexAttention (the models' flex path, which
+`attention_kernel_at_inference("flex")` turns on: the bias added in its score function, compiled
+on CUDA; on the CPU eager and at inference only, a check of its values), on CUDA cuDNN's fused
+attention, each also for the AMM through their log-sum-exp, and at inference the one-pass Triton
+kernel (models/triton_attention.py; on the CPU only under TRITON_INTERPRET=1), the AMM in the same
+pass. A candidate the device cannot run is reported as such.
 """
 import argparse
 import dataclasses
@@ -30,8 +31,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.attention import attention_modulation_matrix, gather_token_pairs  # noqa: E402
-from models.attention_kernels import (AMM_LSE, FLEX, SDPA, amm_attention, choose_attention_kernel,  # noqa: E402
-                                      explicit_attention, flex_with_lse, padded_head_width, sdpa_attention)
+from models.attention_kernels import (AMM_LSE, FLEX, SDPA, TRITON, amm_attention,  # noqa: E402
+                                      choose_attention_kernel, explicit_attention, flex_with_lse, padded_head_width,
+                                      sdpa_attention, triton_inference_attention, triton_interpreted)
 from runtime.io import atomic_path  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,6 +113,8 @@ def candidates(case, device_type, dtype):
                     lambda q, k, v, bias, amm, scale: flex_with_lse(q, k, v, bias, scale)[0], case.head_dim, width))
             if device_type == "cuda":
                 found[f"cudnn{label}"] = (CUDNN, width, padded_call(cudnn_attention, case.head_dim, width))
+    if not case.training and (device_type == "cuda" or triton_interpreted()):
+        found["triton, one pass" if case.amm else "triton"] = (TRITON, case.head_dim, triton_inference_attention)
     return found
 
 
@@ -209,6 +213,9 @@ def measure(case, dtype_name, device, repeats, batch_size=None):
             out = run_once(fn, (q, k, v, bias, amm, scale), False, dtype)
             row["relative_error"] = ((out.float() - reference).abs().max() / reference.abs().max()).item()
             row["ms"] = time_ms(fn, (q, k, v, bias, amm, scale), case.training, dtype, repeats)
+            if kernel == TRITON:
+                from models.triton_attention import last_tiling  # imports Triton
+                row["candidate"] += f" ({last_tiling()})"
         except RuntimeError as error:  # a kernel this device or dtype does not have
             row["error"] = str(error).splitlines()[0][:120]
         rows.append(row)

@@ -12,10 +12,10 @@ the full-token and the masked loss (ours as one fused forward of 2B samples, MDT
 release's as two passes), Adan and the EMA update. Each pair is measured interleaved (A, B, A, B,
 ...) after warm-up; medians. fp32 is IEEE float32 matmuls (TF32 off), bf16 is autocast. A
 training step's TFLOP/s counts 6 x MACs (forward and backward) of its passes, and is set against
-the bf16 matmul rate measured in the same run. `--attention-kernel flex` runs our models'
-inference attention (checks included) through FlexAttention instead of the kernels
-`choose_attention_kernel` takes by default, to measure it against them: a second run of the
-same comparisons; `--flat-adan` trains every model of the training rows with
+the bf16 matmul rate measured in the same run. `--attention-kernel flex` (or `triton`) runs our
+models' inference attention (checks included) through FlexAttention (or the one-pass Triton
+kernel, models/triton_attention.py) instead of the kernels `choose_attention_kernel` takes by
+default, to measure it against them: a second run of the same comparisons; `--flat-adan` trains every model of the training rows with
 training.flat_adan.FlatAdan (one pass over flat buffers) instead of timm's Adan; `--cuda-graphs`
 adds rows where our models' inference, and EDT's training losses (training/graphed_losses.py),
 replay from CUDA graphs (MDTv2's masked pass changes shape every step: its step stays eager). Writes
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from benchmarks import speed  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
-from models.attention_kernels import flex_attention_at_inference  # noqa: E402
+from models.attention_kernels import INFERENCE_KERNELS, attention_kernel_at_inference  # noqa: E402
 from models.mdt import MEAN_KEPT_FRACTION, TRAINING_MASK_RATIO  # noqa: E402
 from runtime.cuda_graphs import CUDAGraphed  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
@@ -53,7 +53,7 @@ PAPER_RATIOS = {("inference", "MDTv2-S/2"): 2.29, ("inference", "MDTv2-B/2"): 2.
                 ("inference", "DiT-S/2"): 2.04}
 SIZES = ("S", "B", "XL")
 PRECISIONS = ("fp32", "tf32", "bf16")
-ATTENTION_KERNELS = ("default", "flex")
+ATTENTION_KERNELS = ("default", *INFERENCE_KERNELS)
 MATMUL_SIDE = {"cuda": 8192, "cpu": 1024}
 # --tiny: custom models of EDT's 52-wide heads, small enough for two CPU cores.
 TINY_LATENT = 16
@@ -419,7 +419,8 @@ def parse_args(argv=None):
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also our models' inference, and EDT's training losses, replayed from CUDA graphs (CUDA only)")
     parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="default",
-                        help="flex: our models' inference attention through FlexAttention (training unchanged)")
+                        help="flex or triton: our models' inference attention through FlexAttention or the "
+                             "one-pass Triton kernel (training unchanged)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     check_device_arguments(args)
@@ -437,7 +438,7 @@ def main(argv=None):
     planned = comparisons(args)
     result = {"settings": settings_record(args, device), "matmul_tflops": matmul_tflops(device), "rows": [],
               "planned_rows": len(planned) * len(args.precisions)}
-    with flex_attention_at_inference(args.attention_kernel == "flex"):
+    with attention_kernel_at_inference(None if args.attention_kernel == "default" else args.attention_kernel):
         result["checks"] = correctness_checks(args, device)
         for comparison in planned:
             for precision in args.precisions:

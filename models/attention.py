@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention_kernels import (AMM_LSE, EXPLICIT, FLEX, SDPA, KernelChoice, amm_attention, choose_attention_kernel,
-                                compute_dtype, explicit_attention, flex_inference_attention, pad_heads,
-                                sdpa_attention)
+from .attention_kernels import (AMM_LSE, EXPLICIT, FLEX, SDPA, TRITON, KernelChoice, amm_attention,
+                                choose_attention_kernel, compute_dtype, explicit_attention, flex_inference_attention,
+                                pad_heads, sdpa_attention, triton_inference_attention)
 from .fast_paths import FastPathSwitch
 from .kept_tensor import KeptTensor, as_autocast_casts, inference_autocast_dtype
 from .onednn import PackedLinear
@@ -198,6 +198,8 @@ class Attention(nn.Module, FastPathSwitch):
             x = amm_attention(q, k, v, bias, self.amm_for(token_ids), self.scale)
         elif choice.kernel == FLEX:
             x = flex_inference_attention(q, k, v, bias, self.amm_for(token_ids), self.scale)
+        elif choice.kernel == TRITON:
+            x = triton_inference_attention(q, k, v, bias, self.amm_for(token_ids), self.scale)
         else:
             in_place = self.fast and not torch.is_grad_enabled()
             x = explicit_attention(q, k, v, bias, self.amm_for(token_ids), self.scale, in_place)

@@ -13,12 +13,18 @@ the Attention Modulation Matrix (AMM) where one is given, without renormalising:
   softmax(s) * M = softmax(s + log M) * exp(lse(s + log M) - lse(s)), from two fused passes that
   return the log-sum-exp `lse` of each row.
 - flex: FlexAttention, the bias added in its score function, the AMM as amm-lse through its
-  log-sum-exp; compiled on CUDA, eager (unfused) on the CPU. Taken only at inference and only
-  where `flex_attention_at_inference` turns it on: it awaits its measurement on a GPU
-  (`benchmarks.gpu_protocol --attention-kernel flex`) before any default takes it.
+  log-sum-exp; compiled on CUDA, eager (unfused) on the CPU.
+- triton: one Triton kernel with the AMM in the same pass, at the head's own width, reading q, k
+  and v where the qkv projection wrote them (models/triton_attention.py); CUDA, or the CPU
+  under Triton's interpreter.
+
+flex and triton are taken only at inference and only where `attention_kernel_at_inference` turns
+one on: they await their measurement on a GPU (`benchmarks.gpu_protocol --attention-kernel flex`
+or `triton`) before any default takes them.
 """
 import contextlib
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -29,7 +35,9 @@ EXPLICIT = "explicit"
 SDPA = "sdpa"
 AMM_LSE = "amm-lse"
 FLEX = "flex"
-KERNELS = (EXPLICIT, SDPA, AMM_LSE, FLEX)
+TRITON = "triton"
+KERNELS = (EXPLICIT, SDPA, AMM_LSE, FLEX, TRITON)
+INFERENCE_KERNELS = (FLEX, TRITON)  # opt-in, for every call without autograd
 
 CUDA_VECTOR_BYTES = 16  # the fused CUDA kernels' load width
 HALF_PRECISION_BYTES = 2
@@ -38,7 +46,7 @@ EFFICIENT_BIAS_ALIGNMENT = 16
 # Compiled FlexAttention specialises on every shape and dtype it meets: each stage, batch and pass.
 FLEX_GRAPHS = 128
 
-flex_at_inference = False  # set by `flex_attention_at_inference`
+inference_kernel = None  # one of INFERENCE_KERNELS, set by `attention_kernel_at_inference`
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,13 @@ def choose_attention_kernel(device_type, dtype, head_dim, amm=False, bias_needs_
       explicit pass is as fast as two fused ones.
     - Otherwise sdpa, except for a CPU bias that needs its gradient (training EDT): the fused
       CPU kernel has no mask gradient, and SDPA's math fallback is slower than the explicit path.
-    - FlexAttention for every call without autograd, on any device, where
-      `flex_attention_at_inference` has turned it on.
+    - FlexAttention or the Triton kernel for every call without autograd, on any device, where
+      `attention_kernel_at_inference` has turned one on; FlexAttention at the padded width,
+      Triton at the head's own.
     """
-    if flex_at_inference and not grad_enabled:
+    if inference_kernel == TRITON and not grad_enabled:
+        return KernelChoice(TRITON, head_dim)
+    if inference_kernel == FLEX and not grad_enabled:
         return KernelChoice(FLEX, padded_head_width(head_dim, device_type, dtype))
     if amm:
         if grad_enabled or device_type != "cuda" or dtype.itemsize > HALF_PRECISION_BYTES:
@@ -146,14 +157,17 @@ def amm_attention(q, k, v, bias, amm, scale, with_lse=attention_with_lse):
 
 
 @contextlib.contextmanager
-def flex_attention_at_inference(enabled=True):
-    """Within it, inference attention runs through FlexAttention (see `choose_attention_kernel`)."""
-    global flex_at_inference
-    before, flex_at_inference = flex_at_inference, enabled
+def attention_kernel_at_inference(kernel):
+    """Within it, inference attention runs through `kernel`, one of INFERENCE_KERNELS, or through
+    the default choice for None (see `choose_attention_kernel`)."""
+    global inference_kernel
+    if kernel is not None and kernel not in INFERENCE_KERNELS:
+        raise ValueError(f"unknown inference attention kernel {kernel!r}; choose from {', '.join(INFERENCE_KERNELS)}")
+    before, inference_kernel = inference_kernel, kernel
     try:
         yield
     finally:
-        flex_at_inference = before
+        inference_kernel = before
 
 
 @functools.cache
@@ -194,6 +208,17 @@ def flex_inference_attention(q, k, v, bias, amm, scale):
     if amm is None:
         return flex_kernel(q.device.type)(q, k, v, score_mod=bias_score_mod(bias), scale=scale)
     return amm_attention(q, k, v, bias, amm, scale, with_lse=flex_with_lse)
+
+
+def triton_interpreted():
+    """Triton runs kernels on the host (TRITON_INTERPRET=1): how a machine without CUDA runs ours."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
+
+
+def triton_inference_attention(q, k, v, bias, amm, scale):
+    """Attention (B, heads, T, D) from the Triton kernel, a view of a (B, T, heads, D) tensor."""
+    from . import triton_attention  # on first use: it imports Triton
+    return triton_attention.attention(q, k, v, bias, amm, scale)
 
 
 #################################################################################

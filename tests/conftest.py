@@ -4,9 +4,14 @@ import sys
 
 import pytest
 import torch
+
+# Without CUDA, the Triton attention kernel (models/triton_attention.py) is tested under Triton's
+# interpreter, which must be on before Triton compiles anything, its own library included.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Triton (loaded by torch._dynamo, e.g. through torchvision) segfaults when it is imported after
 # TensorFlow, and the evaluator tests import TensorFlow into this same process: load it first.
-import torch._dynamo  # noqa: F401
+import torch._dynamo  # noqa: E402,F401
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:

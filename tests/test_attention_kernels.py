@@ -2,6 +2,8 @@
 forced into the attention of whole models (EDT, DiT, MDTv2, the released EDT-S/2 outputs) with
 zero-padded heads too, and the choice among them."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,12 +12,14 @@ import models.attention as attention_module
 from models import create_model, load_checkpoint
 from models.attention import attention_modulation_matrix, gather_token_pairs
 import models.attention_kernels as kernels_module
-from models.attention_kernels import (AMM_LSE, EXPLICIT, FLEX, SDPA, KernelChoice, amm_attention, attention_with_lse,
-                                      choose_attention_kernel, efficient_kernel_bias, explicit_attention,
-                                      flex_attention_at_inference, flex_with_lse, pad_heads, padded_head_width,
-                                      sdpa_attention)
+from models.attention_kernels import (AMM_LSE, EXPLICIT, FLEX, SDPA, TRITON, KernelChoice, amm_attention,
+                                      attention_kernel_at_inference, attention_with_lse, choose_attention_kernel,
+                                      efficient_kernel_bias, explicit_attention, flex_with_lse, pad_heads,
+                                      padded_head_width, sdpa_attention, triton_inference_attention)
 from models.mdt import TRAINING_MASK_RATIO, MDTv2
+from models.triton_attention import GPU_TILINGS
 from runtime.checkpoint import save_checkpoint
+from launch import REPO_ROOT
 from test_models import (REFERENCE_DIR, deterministic_state_dict, model_inputs, randomize, tiny_dit,
                          tiny_edt)
 
@@ -58,6 +62,77 @@ def test_flex_attention_and_its_log_sum_exp_equal_explicit(bias_shape):
     out, lse = flex_with_lse(q, k, v, bias, scale)
     assert relative_error(out, explicit_attention(q, k, v, bias, None, scale)) < RELATIVE_TOLERANCE
     assert relative_error(lse, scores.logsumexp(-1)) < RELATIVE_TOLERANCE
+
+
+def projected_qkv(batch, heads, tokens, head_dim, dtype=torch.float32):
+    """q, k, v (B, heads, T, D) as views of one (B, T, 3, heads, D) projection, as the models have them."""
+    projection = torch.randn(batch, tokens, 3, heads, head_dim, generator=torch.Generator().manual_seed(tokens))
+    return projection.to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.parametrize("tokens, head_dim, bias_shape, amm_grid", [
+    (64, 52, "shared", 8), (64, 52, None, 8), (256, 52, "shared", 16), (100, 72, "per_sample", None),
+    (9, 64, "grid", 3), (16, 16, None, None)])
+def test_triton_attention_with_the_amm_in_one_pass_equals_explicit(tokens, head_dim, bias_shape, amm_grid):
+    batch, heads = 2, 3
+    q, k, v = projected_qkv(batch, heads, tokens, head_dim)
+    bias = {None: None, "grid": torch.randn(tokens, tokens), "shared": torch.randn(1, heads, tokens, tokens),
+            "per_sample": torch.randn(batch, heads, tokens, tokens)}[bias_shape]
+    amm = None if amm_grid is None else attention_modulation_matrix(amm_grid)
+    out = triton_inference_attention(q, k, v, bias, amm, head_dim ** -0.5)
+    assert out.shape == (batch, heads, tokens, head_dim) and out.transpose(1, 2).is_contiguous()  # (B, T, heads, D)
+    assert relative_error(out, explicit_attention(q, k, v, bias, amm, head_dim ** -0.5)) < RELATIVE_TOLERANCE
+
+
+def test_triton_attention_in_half_precision_stays_close_to_fp32():
+    # float16: Triton's interpreter multiplies bfloat16 operands wrongly (3.8), which only a GPU checks.
+    q, k, v = projected_qkv(2, 3, 64, 52)
+    bias, amm = torch.randn(1, 3, 64, 64), attention_modulation_matrix(8)
+    expected = explicit_attention(q, k, v, bias, amm, 52 ** -0.5)
+    half = [tensor.half() for tensor in (q, k, v)]
+    out = triton_inference_attention(*half, bias, amm, 52 ** -0.5)
+    assert out.dtype == torch.float16 and relative_error(out.float(), expected) < 2e-3
+
+
+# Compiles the kernel for a GPU architecture with Triton's own compiler and ptxas, no GPU needed:
+# what the autotuner does on the first call, in a process without the interpreter.
+COMPILE_FOR_GPUS = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from models import triton_attention
+kernel = triton_attention._attention_kernel.fn
+tensors = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "bias_ptr": "*fp32", "amm_ptr": "*fp32"}
+signature = {name: tensors.get(name, "constexpr" if name.isupper() else "fp32" if name == "scale" else "i32")
+             for name in kernel.arg_names}
+for rows, columns, warps, stages in triton_attention.GPU_TILINGS:
+    constants = dict(HAS_BIAS=True, HAS_AMM=True, IEEE=False, BLOCK_M=rows, BLOCK_N=columns, BLOCK_D=64)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    for capability in map(int, sys.argv[1:]):
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        print(capability, rows, columns, compiled.metadata.shared, len(compiled.asm["cubin"]))
+"""
+
+
+def test_triton_attention_compiles_for_a100_and_h100_at_every_tiling():
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS, "80", "90"], cwd=REPO_ROOT, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    compiled = [line.split() for line in result.stdout.splitlines()]
+    assert len(compiled) == 2 * len(GPU_TILINGS) and all(int(cubin_bytes) > 0 for *_, cubin_bytes in compiled)
+
+
+def test_triton_tilings_fit_the_token_count():
+    from models import triton_attention
+    configs = triton_attention.tiling_configs(triton_attention.GPU_TILINGS)
+
+    def widths(tokens):
+        kept = triton_attention.fitting_tilings(configs, {"tokens": tokens})
+        return sorted({max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) for config in kept})
+    assert widths(4) == widths(16) == [16]
+    assert widths(64) == [16, 32, 64] and widths(256) == [16, 32, 64, 128]
 
 
 @pytest.mark.parametrize("grid, variant", [(16, "256"), (8, "256"), (8, "512"), (3, "256")])
@@ -141,15 +216,21 @@ def test_kernel_choice_by_device_dtype_width_and_mask():
     assert choose_attention_kernel("cpu", fp32, 52, bias_needs_grad=True, grad_enabled=True) == KernelChoice(EXPLICIT, 52)
     assert choose_attention_kernel("cpu", fp32, 64, grad_enabled=True) == KernelChoice(SDPA, 64)  # DiT trains fused
     assert choose_attention_kernel("cpu", fp32, 52, amm=True) == KernelChoice(EXPLICIT, 52)
-    with flex_attention_at_inference():  # at inference only, wherever it is turned on
+    with attention_kernel_at_inference(FLEX):  # at inference only, wherever it is turned on
         assert choose_attention_kernel("cuda", bf16, 52, amm=True) == KernelChoice(FLEX, 56)
         assert choose_attention_kernel("cuda", fp32, 52) == KernelChoice(FLEX, 52)
         assert choose_attention_kernel("cpu", fp32, 52, amm=True) == KernelChoice(FLEX, 52)
         assert choose_attention_kernel("cuda", bf16, 52, grad_enabled=True) == KernelChoice(SDPA, 56)
-        with flex_attention_at_inference(False):
+        with attention_kernel_at_inference(None):
             assert choose_attention_kernel("cuda", bf16, 52) == KernelChoice(SDPA, 56)
+        with attention_kernel_at_inference(TRITON):  # at the head's own width: its loads are masked
+            assert choose_attention_kernel("cuda", bf16, 52, amm=True) == KernelChoice(TRITON, 52)
+            assert choose_attention_kernel("cuda", bf16, 52, grad_enabled=True) == KernelChoice(SDPA, 56)
         assert choose_attention_kernel("cuda", bf16, 52) == KernelChoice(FLEX, 56)
     assert choose_attention_kernel("cuda", bf16, 52) == KernelChoice(SDPA, 56)
+    with pytest.raises(ValueError, match="unknown inference attention kernel 'sdpa'; choose from flex, triton"):
+        with attention_kernel_at_inference(SDPA):
+            pass
     assert [padded_head_width(52, "cuda", dtype) for dtype in (bf16, fp16, fp32)] == [56, 56, 52]
 
 
@@ -241,17 +322,21 @@ def test_forced_paths_equal_explicit_at_inference(monkeypatch, path, build):
         assert relative_error(model(*inputs), expected) < RELATIVE_TOLERANCE  # with the kept padded weights
 
 
+INFERENCE_KERNEL_CALLS = {FLEX: "flex_inference_attention", TRITON: "triton_inference_attention"}
+
+
+@pytest.mark.parametrize("kernel", [FLEX, TRITON])
 @pytest.mark.parametrize("build", [
     lambda: tiny_edt(amm_blocks=[1, 3]), lambda: tiny_dit(amm_blocks=[1, 3]),
     lambda: create_model("MDTv2", input_size=16, hidden_size=48, depth=4, num_heads=4, decode_layer=2, num_classes=10),
 ], ids=["edt", "dit", "mdt"])
-def test_flex_attention_at_inference_equals_explicit_and_leaves_training_alone(monkeypatch, build):
+def test_inference_kernels_equal_explicit_and_leave_training_alone(monkeypatch, build, kernel):
     model = randomize(build()).eval()
     inputs = model_inputs()
     calls = []
-    flex_call = attention_module.flex_inference_attention
-    monkeypatch.setattr(attention_module, "flex_inference_attention",
-                        lambda *args: calls.append(args[4] is not None) or flex_call(*args))
+    kernel_call = getattr(attention_module, INFERENCE_KERNEL_CALLS[kernel])
+    monkeypatch.setattr(attention_module, INFERENCE_KERNEL_CALLS[kernel],
+                        lambda *args: calls.append(args[4] is not None) or kernel_call(*args))
     with torch.no_grad():
         model.set_fast_paths(False)
         expected = model(*inputs)
@@ -260,14 +345,14 @@ def test_flex_attention_at_inference_equals_explicit_and_leaves_training_alone(m
         for module in model.modules():
             if isinstance(module, attention_module.Attention):
                 module.register_forward_hook(lambda module, args, out: attention_calls.append(module.amm_active()))
-        with flex_attention_at_inference():
+        with attention_kernel_at_inference(kernel):
             out = model(*inputs)
     assert calls == attention_calls and any(calls) == (not isinstance(model, MDTv2))  # every call, AMM blocks too
     assert relative_error(out, expected) < RELATIVE_TOLERANCE
-    flex_calls = len(calls)
-    with flex_attention_at_inference():
+    inference_calls = len(calls)
+    with attention_kernel_at_inference(kernel):
         model.train()(*inputs)
-    assert len(calls) == flex_calls and len(attention_calls) > flex_calls  # autograd keeps the default kernels
+    assert len(calls) == inference_calls and len(attention_calls) > inference_calls  # autograd keeps the defaults
 
 
 def test_padded_path_in_bf16_stays_close_to_fp32(monkeypatch):
@@ -281,14 +366,14 @@ def test_padded_path_in_bf16_stays_close_to_fp32(monkeypatch):
     assert relative_error(out.float(), expected) < 3e-2
 
 
-@pytest.mark.parametrize("path", [*FORCED_PATHS, FLEX])
+@pytest.mark.parametrize("path", [*FORCED_PATHS, FLEX, TRITON])
 def test_released_edt_s_outputs_through_each_path(monkeypatch, path, tmp_path):
     reference = torch.load(os.path.join(REFERENCE_DIR, "edt_s_reference_outputs.pt"), weights_only=True)
     model = create_model("EDT-S/2")
     save_checkpoint(deterministic_state_dict(model), tmp_path / "weights.pt")
     load_checkpoint(model, tmp_path / "weights.pt")
-    if path == FLEX:
-        monkeypatch.setattr(kernels_module, "flex_at_inference", True)
+    if path in (FLEX, TRITON):
+        monkeypatch.setattr(kernels_module, "inference_kernel", path)
     else:
         force_kernel(monkeypatch, *FORCED_PATHS[path])
     with torch.no_grad():

@@ -191,17 +191,19 @@ def test_gpu_protocol_tiny_on_cpu_writes_the_table_with_ratios_and_checks(tmp_pa
     assert json.loads((tmp_path / "out" / "protocol.json").read_text())["rows"][0]["ratio"] == result["rows"][0]["ratio"]
 
 
-def test_gpu_protocol_measures_inference_through_flex_attention_when_asked(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel", ["flex", "triton"])
+def test_gpu_protocol_measures_inference_through_another_attention_kernel_when_asked(tmp_path, monkeypatch, kernel):
     calls = []
-    flex_call = models.attention.flex_inference_attention
-    monkeypatch.setattr(models.attention, "flex_inference_attention", lambda *args: calls.append(1) or flex_call(*args))
-    result = gpu_protocol.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--attention-kernel", "flex",
+    call_name = f"{kernel}_inference_attention"
+    kernel_call = getattr(models.attention, call_name)
+    monkeypatch.setattr(models.attention, call_name, lambda *args: calls.append(1) or kernel_call(*args))
+    result = gpu_protocol.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--attention-kernel", kernel,
                                 "--measurements", "inference", "--precisions", "fp32", "--warmup", "0",
                                 "--repeats", "1"])
     assert [row["other"] for row in result["rows"]] == ["MDTv2-S/2", "DiT-S/2"] and calls
     assert max(value for name, value in result["checks"].items() if "vs plain, inference" in name) < 1e-5
-    assert "attention at inference: flex" in (tmp_path / "protocol.md").read_text()
-    assert not models.attention_kernels.flex_at_inference  # turned off again
+    assert f"attention at inference: {kernel}" in (tmp_path / "protocol.md").read_text()
+    assert models.attention_kernels.inference_kernel is None  # turned off again
 
 
 def test_gpu_protocol_trains_with_flat_adan_when_asked(tmp_path, monkeypatch):
@@ -349,17 +351,18 @@ def run_gpu_session(tmp_path, *args, has_diffusers=True):
                           env=env, capture_output=True, text=True)
 
 
-def test_gpu_session_runs_each_benchmark_in_turn_and_brings_back_seven_files(tmp_path):
+def test_gpu_session_runs_each_benchmark_in_turn_and_brings_back_eight_files(tmp_path):
     out = tmp_path / "out"
     assert run_gpu_session(tmp_path, str(out), "release_checkout").returncode == 0
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol"] * 3 + ["benchmarks.gpu_profile",
+    assert [call.split()[1] for call in calls] == ["benchmarks.gpu_protocol"] * 4 + ["benchmarks.gpu_profile",
                                                                                     "benchmarks.attention_kernels"]
     assert "--release-code release_checkout" in calls[0] and "--cuda-graphs" not in calls[0]  # no GPU here
-    assert "--flat-adan" in calls[1] and "--attention-kernel flex" in calls[2] and "--release-code" not in calls[1]
-    assert "--only EDT-S/2" in calls[4] and all(call.endswith("--tiny --device cpu") for call in calls)
+    assert "--flat-adan" in calls[1] and "--release-code" not in calls[1]
+    assert "--attention-kernel triton" in calls[2] and "--attention-kernel flex" in calls[3]
+    assert "--only EDT-S/2" in calls[5] and all(call.endswith("--tiny --device cpu") for call in calls)
     assert sorted(os.listdir(out)) == ["attention_kernels.md", "profile.md", "protocol.md", "protocol_flat_adan.md",
-                                       "protocol_flex.md", "session.log", "session.tar.gz"]
+                                       "protocol_flex.md", "protocol_triton.md", "session.log", "session.tar.gz"]
     assert (out / "profile.md").read_text() == "profile\n"
     with tarfile.open(out / "session.tar.gz") as archive:
         names = archive.getnames()
@@ -387,8 +390,10 @@ def test_attention_kernel_benchmark_checks_every_candidate_and_marks_the_choice(
         assert sum(row["chosen"] for row in case_rows) == 1
         assert {"explicit"} < {row["candidate"] for row in case_rows}
         assert all(row["relative_error"] < 1e-5 and row["ms"] > 0 for row in case_rows)
-    flex = {row["case"] for row in rows if "flex" in row["candidate"]}
-    assert flex == {"EDT-S/2 tiny, inference", "EDT-S/2 tiny AMM, inference", "DiT tiny, inference"}  # no CPU backward
+    inference = {"EDT-S/2 tiny, inference", "EDT-S/2 tiny AMM, inference", "DiT tiny, inference"}
+    assert {row["case"] for row in rows if "flex" in row["candidate"]} == inference  # no CPU backward
+    triton = [row for row in rows if "triton" in row["candidate"]]  # inference only; under the interpreter here
+    assert {row["case"] for row in triton} == inference and "triton, one pass (64 x 64" in triton[1]["candidate"]
     assert not any(row["chosen"] or "cudnn" in row["candidate"] for row in rows if "flex" in row["candidate"])
     assert (tmp_path / "attention_kernels.md").read_text().count("| yes |") == len({row["case"] for row in rows})
     amm_only = attention_kernels.main(["--device", "cpu", "--tiny", "--repeats", "1", "--only", "AMM"])
