@@ -20,7 +20,9 @@ from runtime.checkpoint import CheckpointError
 from runtime.cli import require_at_least
 from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
-from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
+from models.attention_kernels import attention_kernel_at_inference
+from sampling.cli import (CFG_CHANNELS, add_model_arguments, add_sampling_arguments, inference_attention_kernel,
+                          loader_kwargs, make_sampler)
 from sampling.images import enlarge, make_grid, save_png, side_by_side
 from sampling.loading import SamplingSetupError, class_labels, guidance_scale, load_sampling_model
 from sampling.naming import amm_tag, comparison_tag, sample_name
@@ -110,6 +112,7 @@ def main(argv=None):
     args = parse_args(argv)
     sampler = make_sampler(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    attention_kernel = inference_attention_kernel(args, device.type)
     loaded = load(args, device)
     logger = create_logger(args.output_dir, is_main=True)
 
@@ -120,7 +123,8 @@ def main(argv=None):
     grids = []
     for amm_blocks in settings:
         loaded.model.set_amm_blocks(amm_blocks)
-        grids.append(sample_grid(sample, loaded, args))
+        with attention_kernel_at_inference(attention_kernel):
+            grids.append(sample_grid(sample, loaded, args))
         path = grid_path(args, loaded, amm_tag(amm_blocks, loaded.model.amm_variant))
         save_png(path, enlarge(grids[-1], args.zoom))
         logger.info(f"saved {path} ({rows_description(loaded, args.class_labels)}, AMM blocks {amm_blocks})")

@@ -24,7 +24,9 @@ from runtime.cuda_graphs import CUDAGraphed
 from runtime.distributed import barrier, cleanup, init_distributed, split_range
 from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
-from sampling.cli import CFG_CHANNELS, add_model_arguments, add_sampling_arguments, loader_kwargs, make_sampler
+from models.attention_kernels import attention_kernel_at_inference
+from sampling.cli import (CFG_CHANNELS, add_model_arguments, add_sampling_arguments, inference_attention_kernel,
+                          loader_kwargs, make_sampler)
 from sampling.folder import SampleFolderMismatchError, bind_sample_folder, folder_record
 from sampling.images import missing_indices, npz_name, save_pngs, write_npz_from_pngs
 from sampling.loading import SamplingSetupError, class_labels, guidance_scale, load_sampling_model
@@ -98,6 +100,7 @@ def classes_description(loaded, labels):
 def main(argv=None):
     args = parse_args(argv)
     sampler = make_sampler(args)
+    attention_kernel = inference_attention_kernel(args, "cuda" if torch.cuda.is_available() else "cpu")
     context = init_distributed()
     try:
         loaded, labels = setup(args, context)
@@ -123,10 +126,11 @@ def main(argv=None):
         if args.cuda_graphs:
             model_fn = CUDAGraphed(model_fn)
         sample = sampler.sample_fn(model_fn, loaded.latent_shape, context.device, loaded.dtype)
-        for indices, images in sample_images(sample, loaded.vae, args.global_seed, mine,
-                                             args.per_proc_batch_size, loaded.num_classes,
-                                             labels, progress=context.is_main, fill_batches=True):
-            save_pngs(folder, indices, images)
+        with attention_kernel_at_inference(attention_kernel):
+            for indices, images in sample_images(sample, loaded.vae, args.global_seed, mine,
+                                                 args.per_proc_batch_size, loaded.num_classes,
+                                                 labels, progress=context.is_main, fill_batches=True):
+                save_pngs(folder, indices, images)
         barrier()
 
         if context.is_main:

@@ -170,6 +170,14 @@ def attention_kernel_at_inference(kernel):
         inference_kernel = before
 
 
+def inference_kernel_unavailable(kernel, device_type):
+    """Why `kernel`, one of INFERENCE_KERNELS, cannot run on device_type; None where it can."""
+    if kernel == TRITON and device_type != "cuda" and not triton_interpreted():
+        return ("the Triton attention runs on a GPU, or on the CPU under Triton's interpreter "
+                "(TRITON_INTERPRET=1 in the environment, slow)")
+    return None
+
+
 @functools.cache
 def flex_kernel(device_type):
     """flex_attention compiled for CUDA (for more shapes than dynamo's default limit); eager

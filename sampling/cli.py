@@ -1,11 +1,13 @@
 """Command-line options shared by the two sampling scripts."""
 from models.attention import AMM_VARIANTS
+from models.attention_kernels import INFERENCE_KERNELS, inference_kernel_unavailable
 from runtime.vae import PIXELS, VAE_NAMES
 
 from .loading import AMM_PRESET
 from .sampler import PRECISIONS, SAMPLERS, Sampler
 
 CFG_CHANNELS = {"3": 3, "all": None}  # guided output channels: the faithful 3, or all
+DEFAULT_KERNEL = "default"  # models.attention_kernels.choose_attention_kernel's choice
 
 
 def add_model_arguments(parser, default_model=None):
@@ -49,6 +51,9 @@ def add_sampling_arguments(parser, cfg_scale):
     parser.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default="no",
                         help="autocast the model in fp16 or bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    parser.add_argument("--attention-kernel", choices=(DEFAULT_KERNEL, *INFERENCE_KERNELS), default=DEFAULT_KERNEL,
+                        help="attention through our one-pass Triton kernel (the AMM in the same pass) or "
+                             "FlexAttention instead of the default choice; the same samples up to rounding")
 
 
 def make_sampler(args):
@@ -64,6 +69,17 @@ def make_sampler(args):
         return Sampler(args.sampler, args.num_sampling_steps)
     except ValueError as error:
         raise SystemExit(f"error: --num-sampling-steps {args.num_sampling_steps}: {error}")
+
+
+def inference_attention_kernel(args, device_type):
+    """The --attention-kernel for `attention_kernel_at_inference`: None for the default; SystemExit
+    with one line where it cannot run on device_type."""
+    if args.attention_kernel == DEFAULT_KERNEL:
+        return None
+    reason = inference_kernel_unavailable(args.attention_kernel, device_type)
+    if reason:
+        raise SystemExit(f"error: --attention-kernel {args.attention_kernel}: {reason}")
+    return args.attention_kernel
 
 
 def loader_kwargs(args):

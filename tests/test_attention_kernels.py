@@ -325,6 +325,28 @@ def test_forced_paths_equal_explicit_at_inference(monkeypatch, path, build):
 INFERENCE_KERNEL_CALLS = {FLEX: "flex_inference_attention", TRITON: "triton_inference_attention"}
 
 
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_triton_attention_reads_the_float32_matmul_precision_as_the_scripts_set_it(precision):
+    q, k, v = projected_qkv(1, 2, 16, 52)
+    before, torch.backends.cuda.matmul.fp32_precision = torch.backends.cuda.matmul.fp32_precision, precision
+    try:  # runtime.distributed's API, after which the legacy flag raises
+        out = triton_inference_attention(q, k, v, None, None, 52 ** -0.5)  # interpreted: IEEE products either way
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    assert relative_error(out, explicit_attention(q, k, v, None, None, 52 ** -0.5)) < RELATIVE_TOLERANCE
+
+
+def test_triton_attention_is_one_operator_to_torch_compile():
+    from models import triton_attention
+    q, k, v = projected_qkv(2, 3, 64, 52)
+    bias, amm, scale = torch.randn(1, 3, 64, 64), attention_modulation_matrix(8), 52 ** -0.5
+    torch.library.opcheck(triton_attention.compiled_attention, (q, k, v, bias, amm, scale))
+    eager = triton_attention.attention(q, k, v, bias, amm, scale)
+    compiled = torch.compile(triton_attention.attention, fullgraph=True)(q, k, v, bias, amm, scale)
+    assert compiled.stride() == eager.stride()  # (B, T, heads, D) memory, as the fake tensor says
+    assert relative_error(compiled, explicit_attention(q, k, v, bias, amm, scale)) < RELATIVE_TOLERANCE
+
+
 @pytest.mark.parametrize("kernel", [FLEX, TRITON])
 @pytest.mark.parametrize("build", [
     lambda: tiny_edt(amm_blocks=[1, 3]), lambda: tiny_dit(amm_blocks=[1, 3]),

@@ -16,6 +16,8 @@ from PIL import Image
 
 import image_generator
 import image_generator_ddp
+import models.attention_kernels
+import models.triton_attention
 import sampling.images
 from models import create_model, model_config
 from runtime.checkpoint import state_dict_sha256
@@ -148,6 +150,26 @@ def test_bf16_sampling_with_compiled_blocks_follows_eager(files, reference, tmp_
     assert np.abs(runs["compiled"] - runs["eager"]).mean() < 1.0  # pixel levels: bf16 kernels round differently
     assert np.abs(runs["eager"] - float32).mean() < 1.0
     assert not np.array_equal(runs["eager"], float32)  # bf16 did run
+
+
+def test_sampling_through_the_inference_attention_kernels_follows_the_default(files, reference, tmp_path,
+                                                                                 monkeypatch):
+    # The Triton kernel runs in its interpreter here, once inside the compiled blocks: it is one
+    # operator to torch.compile. Every call reaches it, the AMM blocks' too.
+    kernel_calls = []
+    launch = models.triton_attention.launch
+    monkeypatch.setattr(models.triton_attention, "launch", lambda *args: kernel_calls.append(args[4] is not None)
+                        or launch(*args))
+    with np.load(reference) as data:
+        default = data["arr_0"][:4].astype(int)  # each image from its own index: the first 4 alone are the same
+    for name, extra in {"triton": ["--attention-kernel", "triton", "--compile"],
+                        "flex": ["--attention-kernel", "flex"]}.items():
+        image_generator_ddp.main(ddp_args(files, tmp_path / name, "--per-proc-batch-size", "4", *extra,
+                                          "--num-images", "4"))
+        with np.load(tmp_path / name / EXPECTED_FOLDER / npz_name(4, IMAGE_SIZE, IMAGE_SIZE)) as data:
+            assert np.abs(data["arr_0"].astype(int) - default).max() <= 1, name  # float32 rounding
+    # 5 steps x 5 blocks (two of them AMM ones), the guided batch in one forward
+    assert kernel_calls == [False, True, False, True, False] * STEPS
 
 
 def test_interrupted_run_resumes_to_the_same_npz(files, reference, tmp_path, monkeypatch):
@@ -375,6 +397,16 @@ def test_bad_input_fails_with_one_clear_error_before_any_work(files, tmp_path, c
     error = str(exit_info.value.code)
     assert error.startswith("error: ") and message in error and "\n" not in error
     assert not os.path.exists(tmp_path / "out")  # nothing written
+
+
+def test_triton_attention_without_a_gpu_or_its_interpreter_fails_with_one_line(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(models.attention_kernels, "triton_interpreted", lambda: False)
+    grid_args = ["--ckpt", files["ckpt"], "--vae-path", files["vae"], "--output-dir", str(tmp_path / "out")]
+    for main, argv in ((image_generator_ddp.main, ddp_args(files, tmp_path / "out")), (image_generator.main, grid_args)):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--attention-kernel", "triton"])
+        assert str(exit_info.value.code).startswith("error: --attention-kernel triton: the Triton attention runs on a GPU")
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_grid_script_rejects_bad_classes_and_comparison_without_amm(files, tmp_path):
