@@ -121,13 +121,13 @@ def main(argv=None):
     sample = sampler.sample_fn(model_fn, loaded.latent_shape, device, loaded.dtype)
     settings = [loaded.model.amm_blocks, []] if args.compare_amm else [loaded.model.amm_blocks]
     grids = []
-    for amm_blocks in settings:
-        loaded.model.set_amm_blocks(amm_blocks)
-        with attention_kernel_at_inference(attention_kernel):
+    with attention_kernel_at_inference(attention_kernel):
+        for amm_blocks in settings:
+            loaded.model.set_amm_blocks(amm_blocks)
             grids.append(sample_grid(sample, loaded, args))
-        path = grid_path(args, loaded, amm_tag(amm_blocks, loaded.model.amm_variant))
-        save_png(path, enlarge(grids[-1], args.zoom))
-        logger.info(f"saved {path} ({rows_description(loaded, args.class_labels)}, AMM blocks {amm_blocks})")
+            path = grid_path(args, loaded, amm_tag(amm_blocks, loaded.model.amm_variant))
+            save_png(path, enlarge(grids[-1], args.zoom))
+            logger.info(f"saved {path} ({rows_description(loaded, args.class_labels)}, AMM blocks {amm_blocks})")
     if args.compare_amm:
         path = grid_path(args, loaded, comparison_tag(settings[0], loaded.model.amm_variant))
         save_png(path, enlarge(side_by_side(*grids), args.zoom))

@@ -39,10 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from benchmarks import speed  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
-from models.attention_kernels import INFERENCE_KERNELS, attention_kernel_at_inference  # noqa: E402
+from models.attention_kernels import attention_kernel_at_inference  # noqa: E402
 from models.mdt import MEAN_KEPT_FRACTION, TRAINING_MASK_RATIO  # noqa: E402
 from runtime.cuda_graphs import CUDAGraphed  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
+from sampling.cli import ATTENTION_KERNELS, DEFAULT_KERNEL, inference_attention_kernel  # noqa: E402
 from training.graphed_losses import TrainingLosses, graph_training_losses  # noqa: E402
 
 RELEASE_PREFIX = "release:"
@@ -53,7 +54,6 @@ PAPER_RATIOS = {("inference", "MDTv2-S/2"): 2.29, ("inference", "MDTv2-B/2"): 2.
                 ("inference", "DiT-S/2"): 2.04}
 SIZES = ("S", "B", "XL")
 PRECISIONS = ("fp32", "tf32", "bf16")
-ATTENTION_KERNELS = ("default", *INFERENCE_KERNELS)
 MATMUL_SIDE = {"cuda": 8192, "cpu": 1024}
 # --tiny: custom models of EDT's 52-wide heads, small enough for two CPU cores.
 TINY_LATENT = 16
@@ -418,7 +418,7 @@ def parse_args(argv=None):
                         help="every training step with training.flat_adan.FlatAdan instead of timm's Adan")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also our models' inference, and EDT's training losses, replayed from CUDA graphs (CUDA only)")
-    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="default",
+    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default=DEFAULT_KERNEL,
                         help="flex or triton: our models' inference attention through FlexAttention or the "
                              "one-pass Triton kernel (training unchanged)")
     parser.add_argument("--repeats", type=int, default=10)
@@ -438,7 +438,7 @@ def main(argv=None):
     planned = comparisons(args)
     result = {"settings": settings_record(args, device), "matmul_tflops": matmul_tflops(device), "rows": [],
               "planned_rows": len(planned) * len(args.precisions)}
-    with attention_kernel_at_inference(None if args.attention_kernel == "default" else args.attention_kernel):
+    with attention_kernel_at_inference(inference_attention_kernel(args, device.type)):
         result["checks"] = correctness_checks(args, device)
         for comparison in planned:
             for precision in args.precisions:

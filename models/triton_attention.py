@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_kernels import triton_interpreted
+from .attention_kernels import TRITON, inference_kernel_unavailable, triton_interpreted
 
 MIN_BLOCK = 16  # tl.dot's smallest operand side
 INTERPRETED = triton_interpreted()  # as the kernel is compiled: at import
@@ -141,8 +141,9 @@ def output_like(q):
 
 def launch(q, k, v, bias, amm, scale):
     batch, heads, tokens, head_dim = q.shape
-    if q.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError("the Triton attention runs on CUDA, or elsewhere under TRITON_INTERPRET=1")
+    unavailable = inference_kernel_unavailable(TRITON, q.device.type)
+    if unavailable:
+        raise RuntimeError(unavailable)
     if any(tensor.stride(-1) != 1 for tensor in (q, k, v)):
         raise ValueError("the Triton attention reads q, k and v with contiguous channels")
     if amm is not None and amm.dim() != 2:

@@ -8,6 +8,7 @@ from .sampler import PRECISIONS, SAMPLERS, Sampler
 
 CFG_CHANNELS = {"3": 3, "all": None}  # guided output channels: the faithful 3, or all
 DEFAULT_KERNEL = "default"  # models.attention_kernels.choose_attention_kernel's choice
+ATTENTION_KERNELS = (DEFAULT_KERNEL, *INFERENCE_KERNELS)  # --attention-kernel, here and in benchmarks.gpu_protocol
 
 
 def add_model_arguments(parser, default_model=None):
@@ -51,7 +52,7 @@ def add_sampling_arguments(parser, cfg_scale):
     parser.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default="no",
                         help="autocast the model in fp16 or bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    parser.add_argument("--attention-kernel", choices=(DEFAULT_KERNEL, *INFERENCE_KERNELS), default=DEFAULT_KERNEL,
+    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default=DEFAULT_KERNEL,
                         help="attention through our one-pass Triton kernel (the AMM in the same pass) or "
                              "FlexAttention instead of the default choice; the same samples up to rounding")
 
