@@ -170,7 +170,7 @@ def test_gpu_protocol_tiny_on_cpu_writes_the_table_with_ratios_and_checks(tmp_pa
     release.mkdir()
     (release / "models_edt.py").write_text(RELEASE_STAND_IN)
     result = gpu_protocol.main(["--out", str(tmp_path / "out"), "--tiny", "--device", "cpu", "--release-code",
-                                str(release), "--warmup", "0", "--repeats", "1"])
+                                str(release), "--warmup", "0", "--repeats", "1", "--training-batch", "2"])
     rows = {(row["measurement"], row["precision"], row["other"]): row for row in result["rows"]}
     expected_others = {"MDTv2-S/2": ("inference", "train_masked"), "DiT-S/2": ("inference",),
                        "release:EDT-S/2": ("inference", "train_masked")}

@@ -372,7 +372,7 @@ TWO_PROCESS_DRIVER = textwrap.dedent("""
 
     EpochBatches.micro_batches = recording
     state = train_mask_adan.main(sys.argv[2:])
-    torch.save({{"model": state.model.state_dict(), "seen": seen}},
+    torch.save({{"model": state.model.state_dict(), "seen": seen, "tensorflow": "tensorflow" in sys.modules}},
                os.path.join(sys.argv[1], f"rank{{os.environ['RANK']}}.pt"))
 """)
 
@@ -396,6 +396,9 @@ def test_two_processes_stay_in_sync_on_disjoint_data(features, tmp_path):
     assert_same_tree(checkpoint["model"], ranks[0]["model"], "checkpoint vs rank 0")
     assert checkpoint["world_size"] == len(checkpoint["rng"]) == 2
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    # Rank 0 wrote TensorBoard's events without importing TensorFlow, about 5 s of every launch.
+    assert not any(rank["tensorflow"] for rank in ranks)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(experiment, "tensorboard")))
     # 16 latents, global batch 8: 2 steps per epoch, so 4 steps are 2 whole epochs.
     for epoch in (0, 1):
         mine, theirs = ranks[0]["seen"][epoch], ranks[1]["seen"][epoch]

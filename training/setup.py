@@ -2,6 +2,8 @@
 import os
 import random
 import re
+import sys
+import types
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +22,7 @@ from .graphed_losses import graphing_problem
 
 CHECKPOINT_NAME = re.compile(r"(\d+)\.pt")  # checkpoints/{step:07d}.pt
 EXPERIMENT_NAME = re.compile(r"(\d+)-(.+)")  # {index:03d}-{model name with / as -}
+TENSORBOARD_WITHOUT_TENSORFLOW = "tensorboard.compat.notf"
 
 
 @dataclass
@@ -180,8 +183,11 @@ def read_resume_checkpoint(path, model_config, global_batch_size):
 
 
 def tensorboard_writer(log_dir, purge_step):
-    """Imported here, on the main process only: torch.utils.tensorboard imports TensorFlow
-    when it is installed, about 3.5 s that the other processes need not spend."""
+    """On the main process only. TensorBoard writes through TensorFlow's file API when TensorFlow
+    is installed (for the ADM evaluator), and importing it costs about 5 s of every launch; where
+    the module tensorboard.compat.notf exists, TensorBoard takes its own stub of that API, which
+    writes local event files (and remote ones through fsspec) without TensorFlow."""
+    sys.modules.setdefault(TENSORBOARD_WITHOUT_TENSORFLOW, types.ModuleType(TENSORBOARD_WITHOUT_TENSORFLOW))
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(log_dir, purge_step=purge_step)
 
