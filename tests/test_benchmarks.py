@@ -214,6 +214,7 @@ def test_gpu_protocol_trains_with_flat_adan_when_asked(tmp_path, monkeypatch):
         return flat_adan.adan_update_(*args)
     # Its update eager: the protocol's use of it is tested here, its compilation in test_flat_adan.py.
     monkeypatch.setattr(flat_adan, "compiled_adan_update_", lambda: counted_update)
+    monkeypatch.setattr(gpu_protocol, "correctness_checks", lambda args, device: {})  # tested above
     result = gpu_protocol.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--flat-adan",
                                 "--measurements", "train_masked", "--precisions", "bf16", "--warmup", "0",
                                 "--repeats", "1"])
@@ -229,6 +230,7 @@ def test_gpu_protocol_stopped_midway_keeps_the_rows_it_measured(tmp_path, monkey
             raise KeyboardInterrupt  # as a time limit would stop it
         return measure_pair(comparison, *args)
     monkeypatch.setattr(gpu_protocol, "measure_pair", stopped_at_the_second)
+    monkeypatch.setattr(gpu_protocol, "correctness_checks", lambda args, device: {})  # tested above
     with pytest.raises(KeyboardInterrupt):
         gpu_protocol.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--measurements", "inference",
                            "--precisions", "fp32", "--warmup", "0", "--repeats", "1"])
