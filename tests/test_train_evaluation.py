@@ -97,6 +97,9 @@ def test_fid_is_logged_kept_and_continued_on_resume(features, evaluation_files, 
     resumed = read_history(experiment)
     assert [entry["step"] for entry in resumed] == [2, 4, 6]
     assert resumed[0] == history[0] and resumed[1]["fid"] == history[1]["fid"]
+    resumed_events = EventAccumulator(os.path.join(experiment, "tensorboard"))  # the first step 4 purged
+    resumed_events.Reload()
+    assert [event.step for event in resumed_events.Scalars("eval/fid")] == [2, 4, 6]
 
 
 def test_fid_is_the_same_on_one_and_two_processes(features, evaluation_files, tmp_path):

@@ -242,8 +242,9 @@ def setup_run(args, config):
     logger = create_logger(experiment_dir, accelerator.is_main_process)
     writer = None
     if accelerator.is_main_process:
-        # On resume, purge_step drops TensorBoard events written after the checkpoint.
-        purge_step = resume_checkpoint["step"] if resume_checkpoint else None
+        # On resume, TensorBoard hides the earlier events of steps >= purge_step: those written after
+        # the checkpoint, not the checkpoint's own step's loss and evaluation.
+        purge_step = resume_checkpoint["step"] + 1 if resume_checkpoint else None
         writer = tensorboard_writer(os.path.join(experiment_dir, "tensorboard"), purge_step)
     if resume_path:
         logger.info(f"resuming from {resume_path} (step {resume_checkpoint['step']})")
