@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL
 
 from .checkpoint import state_dict_sha256
 from .latent_norm import LatentNorm
@@ -58,6 +57,10 @@ def load_autoencoder(name, path=None, device="cpu"):
                 f"`huggingface-cli download stabilityai/sd-vae-ft-{name} --local-dir {default_vae_path(name)}`"
                 if name in VAE_NAMES else "give a folder written by AutoencoderKL.save_pretrained")
         raise VAENotFoundError(f"no VAE at {os.path.abspath(path)}: {hint}")
+    # Imported here: diffusers' import takes seconds (it imports torch._dynamo), and pixel-space
+    # runs, which import this module, never load a VAE.
+    from diffusers import AutoencoderKL
+
     try:
         vae = AutoencoderKL.from_pretrained(path)
     except (OSError, ValueError, TypeError) as error:
@@ -80,7 +83,7 @@ def vae_name_for(name, path):
 @dataclass
 class LatentVAE:
     """An AutoencoderKL, the normalisation of its latents, and where it came from."""
-    autoencoder: AutoencoderKL
+    autoencoder: torch.nn.Module  # a diffusers AutoencoderKL
     norm: LatentNorm
     name: str = ""
     path: str = ""

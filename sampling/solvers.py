@@ -14,13 +14,6 @@ are in sampling/sampler.py.
 from dataclasses import dataclass, field
 
 import numpy as np
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 
 from diffusion.gaussian_diffusion import get_named_beta_schedule
 
@@ -30,23 +23,31 @@ MULTISTEP_MAX_STEPS = TRAINING_STEPS - 1  # more would repeat an integer timeste
 
 @dataclass(frozen=True)
 class Solver:
-    scheduler_class: type
+    scheduler_name: str  # a diffusers scheduler class
     options: dict = field(default_factory=dict)
     min_steps: int = 1
     max_steps: int = MULTISTEP_MAX_STEPS
 
+    @property
+    def scheduler_class(self):
+        # diffusers is imported on first use: its import takes seconds (torch._dynamo, scipy.stats),
+        # which training and the respaced samplers, importing this module, mostly do not need.
+        import diffusers
+
+        return getattr(diffusers, self.scheduler_name)
+
 
 SOLVERS = {
-    "dpm-solver++": Solver(DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "dpm-solver++-sde": Solver(DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": Solver(UniPCMultistepScheduler),
+    "dpm-solver++": Solver("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm-solver++-sde": Solver("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": Solver("UniPCMultistepScheduler"),
     # One Euler step would sit at t = 0 (diffusers spaces Euler's steps over both ends).
-    "euler": Solver(EulerDiscreteScheduler, min_steps=2, max_steps=TRAINING_STEPS),
+    "euler": Solver("EulerDiscreteScheduler", min_steps=2, max_steps=TRAINING_STEPS),
 }
 # The respaced samplers' stand-ins in a pipeline: only their betas are read.
 RESPACED_STAND_INS = {
-    "ddpm": Solver(DDPMScheduler, {"variance_type": "learned_range", "clip_sample": False}),
-    "ddim": Solver(DDIMScheduler, {"clip_sample": False}),
+    "ddpm": Solver("DDPMScheduler", {"variance_type": "learned_range", "clip_sample": False}),
+    "ddim": Solver("DDIMScheduler", {"clip_sample": False}),
 }
 SCHEDULERS = {**RESPACED_STAND_INS, **SOLVERS}
 
@@ -74,7 +75,7 @@ def scheduler_method(scheduler):
                if type(scheduler) is solver.scheduler_class
                and scheduler.config.get("algorithm_type") == solver.options.get("algorithm_type")]
     if not methods:
-        names = sorted({solver.scheduler_class.__name__ for solver in SCHEDULERS.values()})
+        names = sorted({solver.scheduler_name for solver in SCHEDULERS.values()})
         raise ValueError(f"EDT samples with a {', '.join(names)} (DPM-Solver++: dpmsolver++ or "
                          f"sde-dpmsolver++), not a {type(scheduler).__name__}")
     if not np.array_equal(scheduler.betas.numpy(), edt_betas().astype(np.float32)):
