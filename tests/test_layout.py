@@ -1,7 +1,10 @@
 """The package layers: models/ and diffusion/ at the bottom import nothing from the packages
-above them or from the scripts, so they can be reused (e.g. AMM in another DiT) on their own."""
+above them or from the scripts, so they can be reused (e.g. AMM in another DiT) on their own;
+and the scripts start without the slow imports they may not need."""
 import ast
 import os
+import subprocess
+import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOTTOM_PACKAGES = ("models", "diffusion")
@@ -29,3 +32,13 @@ def test_models_and_diffusion_import_nothing_from_above_or_the_scripts():
                     offending += [f"{os.path.relpath(path, REPO_ROOT)}: {module}"
                                   for module in imported_top_level_names(path) if module in ABOVE | scripts]
     assert offending == []
+
+
+def test_scripts_import_diffusers_only_when_they_use_it():
+    """diffusers' import takes seconds on every process (it loads torch._dynamo): the scripts
+    import it when they load a VAE or a diffusers solver, not on start."""
+    probe = ("import sys, extract_features, image_generator, image_generator_ddp, train_mask_adan; "
+             "print(sorted(name for name in ('diffusers', 'scipy.stats') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
