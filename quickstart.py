@@ -14,6 +14,7 @@ one process per GPU.
 import argparse
 import glob
 import json
+import math
 import os
 import shlex
 import shutil
@@ -34,6 +35,7 @@ CFG_SCALES = (1.0, 2.0)
 GRID_SAMPLES_PER_CLASS = 10
 GRID_ZOOM = 6  # 8x8 digits are too small to look at
 AMM_BLOCKS = ("3", "4")  # the up-sampling stages' blocks, on 4x4 and 8x8 token grids
+MAX_SAMPLING_BATCH = 500  # per process: the default 1,000 samples on two processes in one batch each
 
 
 def parse_args(argv=None):
@@ -164,12 +166,19 @@ def grid(args, checkpoint, grids):
         "4. a grid, one row per digit, with and without AMM from the same noise")
 
 
+def sampling_batch_size(num_images, processes):
+    """One batch per process where it fits: image_generator_ddp.py fills a short batch up to the
+    full size (equal rows on any number of processes), which for fewer images is wasted work."""
+    return min(MAX_SAMPLING_BATCH, math.ceil(num_images / processes))
+
+
 def sample(args, checkpoint, samples, cfg_scale):
     run(distributed_command(args.processes, repo_script("image_generator_ddp.py"), "--ckpt", checkpoint,
                             "--num-images", str(args.num_images), "--class-balanced",
                             "--cfg-scale", str(cfg_scale), "--sampler", args.sampler,
                             "--num-sampling-steps", str(args.sampling_steps),
-                            "--per-proc-batch-size", "500", "--output-dir", samples),
+                            "--per-proc-batch-size", str(sampling_batch_size(args.num_images, args.processes)),
+                            "--output-dir", samples),
         f"5. {args.num_images} class-balanced samples at cfg {cfg_scale} into an npz, {process_count(args.processes)}")
     return only_match(os.path.join(samples, f"*-cfg-{cfg_scale}-*", "samples_*.npz"))
 

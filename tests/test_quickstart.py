@@ -66,3 +66,10 @@ def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(SystemExit, match="was not made by the quickstart"):
         quickstart.main(["--output-dir", str(tmp_path)])
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_sampling_takes_one_batch_per_process_where_it_fits():
+    assert quickstart.sampling_batch_size(1000, 2) == 500  # the default: as before, two full batches
+    assert quickstart.sampling_batch_size(1000, 1) == 500
+    assert quickstart.sampling_batch_size(200, 2) == 100  # not 500 rows of which 400 are filler
+    assert quickstart.sampling_batch_size(3, 2) == 2
