@@ -50,6 +50,14 @@ def two_accelerate_machines(name, *args):
             for rank in range(2)]
 
 
+def accelerate_on_one_machine(*args):
+    """accelerate launch of two processes on this machine. At a free port: its default, 29500, is
+    shared by every launch, and the suite's two workers may launch at the same time."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
+            "--dynamo_backend", "no", *args]
+
+
 def run_together(commands, cwd, env=None, timeout=300):
     """Starts every command at once and waits for all; returns their CompletedProcess."""
     processes = [subprocess.Popen(command, cwd=cwd, env=env or LAUNCH_ENV, text=True,

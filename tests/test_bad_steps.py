@@ -4,7 +4,6 @@ too many bad steps stop the run or roll it back, and loss spikes are logged."""
 import copy
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,6 +15,7 @@ import training.loop
 import training.step
 from runtime.checkpoint import read_checkpoint
 from test_train import REPO_ROOT, TINY_EDT, assert_same_tree, checkpoint_files, write_features
+from launch import accelerate_on_one_machine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -198,11 +198,9 @@ def test_two_processes_skip_the_step_one_of_them_made_inf_and_clip_alike(feature
     driver = tmp_path / "driver.py"
     driver.write_text(TWO_PROCESS_DRIVER.format(repo=REPO_ROOT, tests=os.path.dirname(__file__)))
     results = tmp_path / "results"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
-               *TINY_EDT, *ONE_FORWARD_PER_STEP, "--global-batch-size", "8", "--max-steps", "4",
-               "--grad-clip", "0.05"]
+    command = accelerate_on_one_machine(
+        str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
+        *TINY_EDT, *ONE_FORWARD_PER_STEP, "--global-batch-size", "8", "--max-steps", "4", "--grad-clip", "0.05")
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]

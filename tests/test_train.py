@@ -6,7 +6,6 @@ gradient accumulation), checkpoint contents, two processes under accelerate, and
 import argparse
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -26,6 +25,7 @@ from runtime.checkpoint import load_checkpoint, read_checkpoint
 from training.data import EpochBatches
 from training.schedule import default_init_lr, learning_rate
 
+from launch import accelerate_on_one_machine
 from replay_stand_in import replayed_without_capture
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,10 +266,9 @@ def test_cuda_graph_training_without_its_capture_trains_two_processes_as_the_def
     (one launch per run: a process group is not joined twice)."""
     driver = tmp_path / "driver.py"
     driver.write_text(GRAPHED_DDP_DRIVER.format(repo=REPO_ROOT))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver),
-               "--feature-path", features, "--model", "EDT-S/2", "--amm-blocks", "none", "--num-workers", "0",
-               "--global-batch-size", "4", "--max-steps", "2", "--fused-mask-batch"]
+    command = accelerate_on_one_machine(
+        str(driver), "--feature-path", features, "--model", "EDT-S/2", "--amm-blocks", "none", "--num-workers", "0",
+        "--global-batch-size", "4", "--max-steps", "2", "--fused-mask-batch")
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     for run, options in (("default", []), ("graphed", ["--cuda-graphs"])):
         completed = subprocess.run([*command, "--results-dir", str(tmp_path / run), *options], env=environment,
@@ -381,10 +380,9 @@ def test_two_processes_stay_in_sync_on_disjoint_data(features, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(TWO_PROCESS_DRIVER.format(repo=REPO_ROOT))
     results = tmp_path / "results"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
-               *TINY_EDT, "--global-batch-size", "8", "--mini-batch-size", "2", "--max-steps", "4"]
+    command = accelerate_on_one_machine(
+        str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
+        *TINY_EDT, "--global-batch-size", "8", "--mini-batch-size", "2", "--max-steps", "4")
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, env=environment, cwd=tmp_path,
                                capture_output=True, text=True, timeout=300)

@@ -3,7 +3,6 @@ FID on one process and two, the history continued on resume, failures logged, ba
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from evaluations.inception import GRAPH_FILENAME
 from models.kept_tensor import kept_tensors
 from runtime.checkpoint import read_checkpoint
 from test_train import REPO_ROOT, TINY_EDT, assert_same_tree, checkpoint_files, expect_error, write_features
+from launch import accelerate_on_one_machine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_blas_thread")
 
@@ -105,9 +105,8 @@ def test_fid_is_logged_kept_and_continued_on_resume(features, evaluation_files, 
 def test_fid_is_the_same_on_one_and_two_processes(features, evaluation_files, tmp_path):
     options = [*evaluation_options(evaluation_files), "--max-steps", "2"]
     train_mask_adan.main(train_options(features, tmp_path / "one", *options))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               os.path.join(REPO_ROOT, "train_mask_adan.py"), *train_options(features, tmp_path / "two", *options)]
+    command = accelerate_on_one_machine(os.path.join(REPO_ROOT, "train_mask_adan.py"),
+                                        *train_options(features, tmp_path / "two", *options))
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
