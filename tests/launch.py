@@ -10,6 +10,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One thread per process, as torchrun gives its workers; gloo bound to loopback, so two
 # "nodes" never send traffic off this machine.
 LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+# Without it, accelerate on a machine without GPUs starts each process as a run of its own.
+ACCELERATE_CPU_ENV = {**LAUNCH_ENV, "ACCELERATE_USE_CPU": "1"}
 
 
 def free_port():
@@ -40,22 +42,24 @@ def two_torchrun_nodes(name, *args):
             for rank in range(2)]
 
 
+def accelerate_launch(*options):
+    """accelerate launch of two processes in all, in float32 and without dynamo."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *options]
+
+
 def two_accelerate_machines(name, *args):
     """accelerate launch on two "machines" of one process each, the first as main process."""
     port = free_port()
-    return [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-             "--main_process_port", str(port), "--num_processes", "2", "--mixed_precision", "no",
-             "--dynamo_backend", "no", script(name), *args]
+    return [accelerate_launch("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                              "--main_process_port", str(port), script(name), *args)
             for rank in range(2)]
 
 
 def accelerate_on_one_machine(*args):
     """accelerate launch of two processes on this machine. At a free port: its default, 29500, is
     shared by every launch, and the suite's two workers may launch at the same time."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
-            "--dynamo_backend", "no", *args]
+    return accelerate_launch("--num_machines", "1", "--main_process_port", "0", *args)
 
 
 def run_together(commands, cwd, env=None, timeout=300):

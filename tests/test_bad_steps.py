@@ -15,7 +15,7 @@ import training.loop
 import training.step
 from runtime.checkpoint import read_checkpoint
 from test_train import REPO_ROOT, TINY_EDT, assert_same_tree, checkpoint_files, write_features
-from launch import accelerate_on_one_machine
+from launch import ACCELERATE_CPU_ENV, accelerate_on_one_machine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -201,8 +201,8 @@ def test_two_processes_skip_the_step_one_of_them_made_inf_and_clip_alike(feature
     command = accelerate_on_one_machine(
         str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
         *TINY_EDT, *ONE_FORWARD_PER_STEP, "--global-batch-size", "8", "--max-steps", "4", "--grad-clip", "0.05")
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(command, env=ACCELERATE_CPU_ENV, cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     for rank in ranks:

@@ -22,8 +22,8 @@ from runtime.checkpoint import read_checkpoint
 from test_extract_features import extract_args, make_image_folder
 from test_sampling import ddp_args, files, reference  # noqa: F401 (module fixtures)
 from test_train import assert_same_tree, write_features
-from launch import (LAUNCH_ENV, REPO_ROOT, children, run_together, single_node, two_accelerate_machines,
-                    two_torchrun_nodes, wait_for, worker_pid)
+from launch import (ACCELERATE_CPU_ENV, LAUNCH_ENV, REPO_ROOT, children, run_together, single_node,
+                    two_accelerate_machines, two_torchrun_nodes, wait_for, worker_pid)
 from tiny_vae import save_tiny_vae
 
 STEPS = 6
@@ -89,7 +89,7 @@ def test_training_on_two_torchrun_nodes_equals_one_node(features, single_node_tr
 
 def test_training_on_two_accelerate_machines_equals_one_node(features, single_node_training, tmp_path):
     commands = two_accelerate_machines("train_mask_adan.py", *train_args(features, tmp_path))
-    assert_succeeded(run_together(commands, cwd=tmp_path, env={**LAUNCH_ENV, "ACCELERATE_USE_CPU": "1"}))
+    assert_succeeded(run_together(commands, cwd=tmp_path, env=ACCELERATE_CPU_ENV))
     assert_same_training(tmp_path, single_node_training)
 
 

@@ -25,7 +25,7 @@ from runtime.checkpoint import load_checkpoint, read_checkpoint
 from training.data import EpochBatches
 from training.schedule import default_init_lr, learning_rate
 
-from launch import accelerate_on_one_machine
+from launch import ACCELERATE_CPU_ENV, accelerate_on_one_machine
 from replay_stand_in import replayed_without_capture
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -269,9 +269,8 @@ def test_cuda_graph_training_without_its_capture_trains_two_processes_as_the_def
     command = accelerate_on_one_machine(
         str(driver), "--feature-path", features, "--model", "EDT-S/2", "--amm-blocks", "none", "--num-workers", "0",
         "--global-batch-size", "4", "--max-steps", "2", "--fused-mask-batch")
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     for run, options in (("default", []), ("graphed", ["--cuda-graphs"])):
-        completed = subprocess.run([*command, "--results-dir", str(tmp_path / run), *options], env=environment,
+        completed = subprocess.run([*command, "--results-dir", str(tmp_path / run), *options], env=ACCELERATE_CPU_ENV,
                                    cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stderr[-3000:]
     assert assert_graphed_run_trains_as_the_default(tmp_path)["world_size"] == 2
@@ -383,8 +382,7 @@ def test_two_processes_stay_in_sync_on_disjoint_data(features, tmp_path):
     command = accelerate_on_one_machine(
         str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
         *TINY_EDT, "--global-batch-size", "8", "--mini-batch-size", "2", "--max-steps", "4")
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=environment, cwd=tmp_path,
+    completed = subprocess.run(command, env=ACCELERATE_CPU_ENV, cwd=tmp_path,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]

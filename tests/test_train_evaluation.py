@@ -16,7 +16,7 @@ from evaluations.inception import GRAPH_FILENAME
 from models.kept_tensor import kept_tensors
 from runtime.checkpoint import read_checkpoint
 from test_train import REPO_ROOT, TINY_EDT, assert_same_tree, checkpoint_files, expect_error, write_features
-from launch import accelerate_on_one_machine
+from launch import ACCELERATE_CPU_ENV, accelerate_on_one_machine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_blas_thread")
 
@@ -107,8 +107,8 @@ def test_fid_is_the_same_on_one_and_two_processes(features, evaluation_files, tm
     train_mask_adan.main(train_options(features, tmp_path / "one", *options))
     command = accelerate_on_one_machine(os.path.join(REPO_ROOT, "train_mask_adan.py"),
                                         *train_options(features, tmp_path / "two", *options))
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(command, env=ACCELERATE_CPU_ENV, cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     (one,), (two,) = read_history(checkpoint_files(tmp_path / "one")[1]), read_history(checkpoint_files(tmp_path / "two")[1])
     assert one["step"] == two["step"] == 2
