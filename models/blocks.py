@@ -172,6 +172,13 @@ class GuidedDiffusionModel(nn.Module, FastPathSwitch):
             self.register_buffer("pos_embed", sincos_buffer(hidden_size, grid))
         return grid
 
+    def embed_patches(self, x):
+        """(N, C, H, W) latents -> (N, T, D) tokens with their positions, in row-major memory. The
+        patch convolution gives the tokens as a transposed view, and a sum takes the layout of its
+        first operand that is not broadcast: so the position table comes first (the same values),
+        and the blocks, their compiled graphs included, see one layout at every stage."""
+        return self.pos_embed + self.x_embedder(x)  # (N, T, D), where T = H * W / patch_size ** 2
+
     def initialize_weights(self):
         init_linear_layers(self)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)

@@ -42,7 +42,7 @@ class DiT(GuidedDiffusionModel):
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) class labels."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        x = self.embed_patches(x)  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         modulation = self.modulations(c, self.modulated_modules)  # {module: (N, k D)}
         for block in self.blocks:

@@ -163,7 +163,7 @@ class EDT(GuidedDiffusionModel):
         mask_start: with enable_down_mask, only samples mask_start..N-1 are masked, so that a
             training step can run its full-token and masked passes as one batch.
         """
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        x = self.embed_patches(x)  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         modulation = self.modulations(c, self.modulated_modules)  # {module: (N, k C)}
         skips = []

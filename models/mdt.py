@@ -138,7 +138,7 @@ class MDTv2(GuidedDiffusionModel):
         """
         if enable_mask and self.mask_ratio is None:
             raise ValueError("enable_mask needs an MDTv2 built with a mask_ratio")
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        x = self.embed_patches(x)  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         # The side block runs only in masked training; an unused modulation would give its
         # weights zero gradients, which Adan's moments would count as a step.

@@ -20,6 +20,7 @@ from models import (ALL_MODELS, EDT_models, build_model, count_macs, count_train
 from models import attention as attention_module
 from models.dit import DiT
 from models.edt import EDT
+from models.mdt import MDTv2
 from models.kept_tensor import forget_kept_tensors, kept_tensors
 from runtime.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 
@@ -352,6 +353,25 @@ def test_compiled_inference_equals_eager():
         compiled = block(x, modulation)
     assert block._compiled_call_impl is not None
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def tiny_mdt():
+    return MDTv2(input_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_classes=10,
+                 decode_layer=2)
+
+
+@pytest.mark.parametrize("build", [tiny_edt, tiny_dit, tiny_mdt], ids=["edt", "dit", "mdt"])
+@pytest.mark.parametrize("precision", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tokens_reach_the_blocks_in_row_major_memory(build, precision):
+    """The patch convolution gives its tokens as a transposed view; the first block, compiled or
+    not, must see the layout the later ones see (or compiling it takes a graph of its own)."""
+    model = randomize(build())
+    x = torch.randn(2, 4, 16, 16)
+    with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+        tokens = model.embed_patches(x)
+        transposed = model.x_embedder(x)
+        assert not transposed.is_contiguous()
+        assert tokens.is_contiguous() and torch.equal(tokens, transposed + model.pos_embed)
 
 
 def test_kept_inference_tensors_follow_every_change_of_their_parameters():
