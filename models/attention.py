@@ -162,7 +162,9 @@ class Attention(nn.Module, FastPathSwitch):
             self.amm_variant = variant
 
     def amm_active(self):
-        return self.amm is not None and (self.amm_in_training or not self.training)
+        # The mode first: a compiled training block then never reads the AMM buffer, so blocks with
+        # and without one share a graph.
+        return (self.amm_in_training or not self.training) and self.amm is not None
 
     def amm_for(self, token_ids):
         """The AMM this forward multiplies by: None outside active AMM blocks, (T, T) over the
