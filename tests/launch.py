@@ -56,10 +56,12 @@ def two_accelerate_machines(name, *args):
             for rank in range(2)]
 
 
-def accelerate_on_one_machine(*args):
-    """accelerate launch of two processes on this machine. At a free port: its default, 29500, is
-    shared by every launch, and the suite's two workers may launch at the same time."""
-    return accelerate_launch("--num_machines", "1", "--main_process_port", "0", *args)
+def run_on_one_accelerate_machine(cwd, *args, timeout=300):
+    """accelerate launch of two processes on this machine, on the CPU; returns the CompletedProcess.
+    At a free port: its default, 29500, is shared by every launch, and the suite's two workers may
+    launch at the same time."""
+    command = accelerate_launch("--num_machines", "1", "--main_process_port", "0", *args)
+    return subprocess.run(command, cwd=cwd, env=ACCELERATE_CPU_ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def run_together(commands, cwd, env=None, timeout=300):

@@ -3,7 +3,6 @@ two) has that step skipped everywhere, clipping is torch's clip_grad_norm_ of th
 too many bad steps stop the run or roll it back, and loss spikes are logged."""
 import copy
 import os
-import subprocess
 import textwrap
 
 import pytest
@@ -15,7 +14,7 @@ import training.loop
 import training.step
 from runtime.checkpoint import read_checkpoint
 from test_train import REPO_ROOT, TINY_EDT, assert_same_tree, checkpoint_files, write_features
-from launch import ACCELERATE_CPU_ENV, accelerate_on_one_machine
+from launch import run_on_one_accelerate_machine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -198,11 +197,9 @@ def test_two_processes_skip_the_step_one_of_them_made_inf_and_clip_alike(feature
     driver = tmp_path / "driver.py"
     driver.write_text(TWO_PROCESS_DRIVER.format(repo=REPO_ROOT, tests=os.path.dirname(__file__)))
     results = tmp_path / "results"
-    command = accelerate_on_one_machine(
-        str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
+    completed = run_on_one_accelerate_machine(
+        tmp_path, str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
         *TINY_EDT, *ONE_FORWARD_PER_STEP, "--global-batch-size", "8", "--max-steps", "4", "--grad-clip", "0.05")
-    completed = subprocess.run(command, env=ACCELERATE_CPU_ENV, cwd=tmp_path, capture_output=True, text=True,
-                               timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     for rank in ranks:

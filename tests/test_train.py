@@ -5,7 +5,6 @@ gradient accumulation), checkpoint contents, two processes under accelerate, and
 """
 import argparse
 import os
-import subprocess
 import textwrap
 
 import numpy as np
@@ -26,7 +25,7 @@ from runtime.checkpoint import load_checkpoint, read_checkpoint
 from training.data import EpochBatches
 from training.schedule import default_init_lr, learning_rate
 
-from launch import ACCELERATE_CPU_ENV, accelerate_on_one_machine
+from launch import run_on_one_accelerate_machine
 from replay_stand_in import replayed_without_capture
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,12 +270,10 @@ def test_cuda_graph_training_without_its_capture_trains_two_processes_as_the_def
     (one launch per run: a process group is not joined twice)."""
     driver = tmp_path / "driver.py"
     driver.write_text(GRAPHED_DDP_DRIVER.format(repo=REPO_ROOT))
-    command = accelerate_on_one_machine(
-        str(driver), "--feature-path", features, "--model", "EDT-S/2", "--amm-blocks", "none", "--num-workers", "0",
-        "--global-batch-size", "4", "--max-steps", "2", "--fused-mask-batch")
-    for run, options in (("default", []), ("graphed", ["--cuda-graphs"])):
-        completed = subprocess.run([*command, "--results-dir", str(tmp_path / run), *options], env=ACCELERATE_CPU_ENV,
-                                   cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    options = [str(driver), "--feature-path", features, "--model", "EDT-S/2", "--amm-blocks", "none",
+               "--num-workers", "0", "--global-batch-size", "4", "--max-steps", "2", "--fused-mask-batch"]
+    for run, extra in (("default", []), ("graphed", ["--cuda-graphs"])):
+        completed = run_on_one_accelerate_machine(tmp_path, *options, "--results-dir", str(tmp_path / run), *extra)
         assert completed.returncode == 0, completed.stderr[-3000:]
     assert assert_graphed_run_trains_as_the_default(tmp_path)["world_size"] == 2
 
@@ -384,11 +381,9 @@ def test_two_processes_stay_in_sync_on_disjoint_data(features, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(TWO_PROCESS_DRIVER.format(repo=REPO_ROOT))
     results = tmp_path / "results"
-    command = accelerate_on_one_machine(
-        str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
+    completed = run_on_one_accelerate_machine(
+        tmp_path, str(driver), str(tmp_path), "--feature-path", features, "--results-dir", str(results),
         *TINY_EDT, "--global-batch-size", "8", "--mini-batch-size", "2", "--max-steps", "4")
-    completed = subprocess.run(command, env=ACCELERATE_CPU_ENV, cwd=tmp_path,
-                               capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert_same_tree(ranks[0]["model"], ranks[1]["model"], "rank 0 vs rank 1")

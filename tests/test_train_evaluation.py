@@ -2,7 +2,6 @@
 FID on one process and two, the history continued on resume, failures logged, bad options."""
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ import training.evaluation
 from evaluations.inception import GRAPH_FILENAME
 from models.kept_tensor import kept_tensors
 from runtime.checkpoint import read_checkpoint
-from test_train import REPO_ROOT, TINY_EDT, assert_same_tree, checkpoint_files, expect_error, write_features
-from launch import ACCELERATE_CPU_ENV, accelerate_on_one_machine
+from test_train import TINY_EDT, assert_same_tree, checkpoint_files, expect_error, write_features
+from launch import run_on_one_accelerate_machine, script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_blas_thread")
 
@@ -105,10 +104,8 @@ def test_fid_is_logged_kept_and_continued_on_resume(features, evaluation_files, 
 def test_fid_is_the_same_on_one_and_two_processes(features, evaluation_files, tmp_path):
     options = [*evaluation_options(evaluation_files), "--max-steps", "2"]
     train_mask_adan.main(train_options(features, tmp_path / "one", *options))
-    command = accelerate_on_one_machine(os.path.join(REPO_ROOT, "train_mask_adan.py"),
-                                        *train_options(features, tmp_path / "two", *options))
-    completed = subprocess.run(command, env=ACCELERATE_CPU_ENV, cwd=tmp_path, capture_output=True, text=True,
-                               timeout=300)
+    completed = run_on_one_accelerate_machine(tmp_path, script("train_mask_adan.py"),
+                                              *train_options(features, tmp_path / "two", *options))
     assert completed.returncode == 0, completed.stderr[-3000:]
     (one,), (two,) = read_history(checkpoint_files(tmp_path / "one")[1]), read_history(checkpoint_files(tmp_path / "two")[1])
     assert one["step"] == two["step"] == 2
