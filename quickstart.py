@@ -172,15 +172,18 @@ def sampling_batch_size(num_images, processes):
     return min(MAX_SAMPLING_BATCH, math.ceil(num_images / processes))
 
 
-def sample(args, checkpoint, samples, cfg_scale):
+def sample(args, checkpoint, samples):
+    """Every guidance scale in one launch; the npz of each, in CFG_SCALES order."""
+    scales = " and ".join(f"{scale:g}" for scale in CFG_SCALES)
     run(distributed_command(args.processes, repo_script("image_generator_ddp.py"), "--ckpt", checkpoint,
                             "--num-images", str(args.num_images), "--class-balanced",
-                            "--cfg-scale", str(cfg_scale), "--sampler", args.sampler,
+                            "--cfg-scale", *map(str, CFG_SCALES), "--sampler", args.sampler,
                             "--num-sampling-steps", str(args.sampling_steps),
                             "--per-proc-batch-size", str(sampling_batch_size(args.num_images, args.processes)),
                             "--output-dir", samples),
-        f"5. {args.num_images} class-balanced samples at cfg {cfg_scale} into an npz, {process_count(args.processes)}")
-    return only_match(os.path.join(samples, f"*-cfg-{cfg_scale}-*", "samples_*.npz"))
+        f"5. {args.num_images} class-balanced samples at cfg {scales}, each into an npz, "
+        f"{process_count(args.processes)}")
+    return [only_match(os.path.join(samples, f"*-cfg-{scale}-*", "samples_*.npz")) for scale in CFG_SCALES]
 
 
 def evaluate(npz_files, metrics):
@@ -201,7 +204,7 @@ def main(argv=None):
     extract(args, train_dir, features)
     checkpoint = train(args, features, os.path.join(out, "results"))
     grid(args, checkpoint, os.path.join(out, "grids"))
-    npz_files = [sample(args, checkpoint, os.path.join(out, "samples"), scale) for scale in CFG_SCALES]
+    npz_files = sample(args, checkpoint, os.path.join(out, "samples"))
     results = evaluate(npz_files, os.path.join(out, "digits_metrics.json"))
     print(f"\nDone in {time.time() - start:.0f} s; everything is under {out}/ "
           f"(grids/*.png, samples/*/samples_*.npz, digits_metrics.json)")

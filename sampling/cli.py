@@ -40,9 +40,11 @@ def add_model_arguments(parser, default_model=None):
                              "the model's, as released: 512 for EDT at 512x512 (latent 64), else 256")
 
 
-def add_sampling_arguments(parser, cfg_scale):
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help=f"classifier-free guidance (default {cfg_scale:g}; unconditional models: 1 only)")
+def add_sampling_arguments(parser, cfg_scale, several_cfg_scales=False):
+    """several_cfg_scales: --cfg-scale takes a list (the DDP script samples each in turn)."""
+    several = " (one or more, each into its own sample folder)" if several_cfg_scales else ""
+    parser.add_argument("--cfg-scale", type=float, default=None, nargs="+" if several_cfg_scales else None,
+                        help=f"classifier-free guidance{several} (default {cfg_scale:g}; unconditional models: 1 only)")
     parser.add_argument("--cfg-channels", choices=tuple(CFG_CHANNELS), default="3",
                         help="guide the first 3 output channels (as released) or all")
     parser.add_argument("--sampler", default="ddpm", metavar="{" + ",".join(SAMPLERS) + "}",
@@ -64,12 +66,17 @@ def make_sampler(args):
         raise SystemExit(f"error: --sampler {args.sampler}: unknown; choose from {', '.join(SAMPLERS)}")
     if args.num_sampling_steps < 1:
         raise SystemExit("error: --num-sampling-steps must be at least 1")
-    if args.cfg_scale is not None and args.cfg_scale < 1.0:
+    if any(scale is not None and scale < 1.0 for scale in requested_cfg_scales(args)):
         raise SystemExit("error: --cfg-scale must be at least 1")
     try:
         return Sampler(args.sampler, args.num_sampling_steps)
     except ValueError as error:
         raise SystemExit(f"error: --num-sampling-steps {args.num_sampling_steps}: {error}")
+
+
+def requested_cfg_scales(args):
+    """--cfg-scale as a list: [None] where it was not given, the DDP script's list as it is."""
+    return args.cfg_scale if isinstance(args.cfg_scale, list) else [args.cfg_scale]
 
 
 def inference_attention_kernel(args, device_type):

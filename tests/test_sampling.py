@@ -137,6 +137,19 @@ def test_npz_is_identical_for_two_processes_and_other_batch_sizes(files, referen
     assert read_bytes(tmp_path / "two" / EXPECTED_NPZ) == read_bytes(reference)
 
 
+def test_several_guidance_scales_in_one_run_write_what_separate_runs_write(files, reference, tmp_path):
+    image_generator_ddp.main(ddp_args(files, tmp_path / "both", "--per-proc-batch-size", "4", "--cfg-scale", "1", str(CFG)))
+    image_generator_ddp.main(ddp_args(files, tmp_path / "one", "--per-proc-batch-size", "4", "--cfg-scale", "1"))
+    unguided_folder = EXPECTED_FOLDER.replace(f"-cfg-{CFG}-", "-cfg-1.0-")
+    assert sorted(os.listdir(tmp_path / "both")) == sorted([EXPECTED_FOLDER, unguided_folder])
+    assert read_bytes(tmp_path / "both" / EXPECTED_NPZ) == read_bytes(reference)
+    unguided_npz = os.path.join(unguided_folder, reference.name)
+    assert read_bytes(tmp_path / "both" / unguided_npz) == read_bytes(tmp_path / "one" / unguided_npz)
+    assert read_bytes(tmp_path / "both" / unguided_npz) != read_bytes(reference)
+    for folder, scale in ((EXPECTED_FOLDER, CFG), (unguided_folder, 1.0)):  # each folder logs its own run
+        assert f"'cfg_scale': {scale}," in (tmp_path / "both" / folder / "log.txt").read_text()
+
+
 def test_bf16_sampling_with_compiled_blocks_follows_eager(files, reference, tmp_path):
     runs = {}
     for name, extra in {"eager": [], "compiled": ["--compile"]}.items():
@@ -389,6 +402,8 @@ def test_grid_script_compares_amm_from_the_same_noise(files, tmp_path, capsys):
     ("ckpt", ["--amm-blocks", "9"], "out of range"),
     ("ckpt", ["--class-balanced", "--num-images", "15"], "divisible by 10 classes"),
     ("ckpt", ["--cuda-graphs"], "--cuda-graphs needs a GPU"),
+    ("ckpt", ["--cfg-scale", "2", "0.5"], "--cfg-scale must be at least 1"),
+    ("ckpt", ["--cfg-scale", "2", "1", "2"], "lists a scale twice: 2 1 2"),
 ])
 def test_bad_input_fails_with_one_clear_error_before_any_work(files, tmp_path, ckpt, extra, message):
     argv = ddp_args(files, tmp_path / "out", *extra, ckpt=files.get(ckpt, str(tmp_path / ckpt)))
