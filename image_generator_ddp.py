@@ -29,7 +29,7 @@ from runtime.vae import VAENotFoundError
 from models.attention_kernels import attention_kernel_at_inference
 from sampling.cli import (CFG_CHANNELS, add_model_arguments, add_sampling_arguments, inference_attention_kernel,
                           loader_kwargs, make_sampler, requested_cfg_scales)
-from sampling.folder import SampleFolderMismatchError, bind_sample_folder, folder_record
+from sampling.folder import SampleFolderMismatchError, bind_sample_folders, folder_record
 from sampling.images import missing_indices, npz_name, save_pngs, write_npz_from_pngs
 from sampling.loading import SamplingSetupError, class_labels, guidance_scale, load_sampling_model
 from sampling.naming import amm_tag, sample_name
@@ -103,13 +103,12 @@ def classes_description(loaded, labels):
     return f"classes {summarise([loaded.class_name(label) for label in chosen])}"
 
 
-def bind_sample_folders(args, loaded, cfg_scales, context):
-    """Each scale's sample folder, bound to these weights before any is sampled; SystemExit with
-    one line (from rank 0) where one holds another checkpoint's samples."""
+def sample_folders(args, loaded, cfg_scales, context):
+    """Each scale's sample folder, all bound to these weights before any is sampled; SystemExit
+    with one line (from rank 0) where one holds another checkpoint's samples."""
     folders = [sample_folder(args, loaded, scale) for scale in cfg_scales]
     try:
-        for folder in folders:
-            bind_sample_folder(folder, folder_record(loaded, args.ckpt, args.ckpt_key), write=context.is_main)
+        bind_sample_folders(folders, folder_record(loaded, args.ckpt, args.ckpt_key), write=context.is_main)
     except SampleFolderMismatchError as error:
         raise SystemExit(f"error: {error}" if context.is_main else 1)
     return folders
@@ -153,7 +152,7 @@ def main(argv=None):
     context = init_distributed()
     try:
         loaded, labels, cfg_scales = setup(args, context)
-        folders = bind_sample_folders(args, loaded, cfg_scales, context)
+        folders = sample_folders(args, loaded, cfg_scales, context)
         with attention_kernel_at_inference(attention_kernel):
             for folder, cfg_scale in zip(folders, cfg_scales):
                 sample_into_folder(args, context, loaded, labels, sampler, folder, cfg_scale)

@@ -32,10 +32,19 @@ def has_samples(folder):
     return any(SAMPLE_PNG.fullmatch(name) for name in names)
 
 
-def bind_sample_folder(folder, record, write):
-    """Checks that `folder` holds no samples but those of the weights in `record`; with write
-    (the main process), records them in a folder that has no manifest yet. Raises
-    SampleFolderMismatchError before anything is written."""
+def bind_sample_folders(folders, record, write):
+    """Checks that each folder holds no samples but those of the weights in `record`; with write
+    (the main process), records them in every folder that has no manifest yet. Raises
+    SampleFolderMismatchError before anything is written to any folder."""
+    unbound = [folder for folder in folders if not check_sample_folder(folder, record)]
+    if write:
+        for folder in unbound:
+            write_json(os.path.join(folder, MANIFEST_NAME), record)
+
+
+def check_sample_folder(folder, record):
+    """True where the folder's manifest names these weights, False where it has neither manifest
+    nor samples; SampleFolderMismatchError otherwise."""
     path = os.path.join(folder, MANIFEST_NAME)
     if os.path.exists(path):
         existing = read_json(path)
@@ -45,10 +54,9 @@ def bind_sample_folder(folder, record, write):
                 f"[{existing['ckpt_key']}], sha256 {existing['weights_sha256'][:12]}...; now "
                 f"{record['checkpoint']} [{record['ckpt_key']}], sha256 {record['weights_sha256'][:12]}...): "
                 f"choose another --output-dir or remove that folder")
-        return
+        return True
     if has_samples(folder):
         raise SampleFolderMismatchError(
             f"{folder} holds samples but no {MANIFEST_NAME} saying which weights made them: "
             f"choose another --output-dir or remove that folder")
-    if write:
-        write_json(path, record)
+    return False

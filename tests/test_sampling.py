@@ -237,6 +237,9 @@ def test_a_sample_folder_resumes_only_from_the_same_weights(files, tmp_path):
     error = str(exit_info.value.code)
     assert error.startswith("error: ") and "holds samples of other weights" in error and "\n" not in error
     assert {name: os.stat(folder / name).st_mtime_ns for name in os.listdir(folder)} == before  # nothing written
+    with pytest.raises(SystemExit, match="holds samples of other weights"):  # the second scale's folder
+        image_generator_ddp.main(ddp_args(files, tmp_path / "samples", "--cfg-scale", "1", str(CFG), ckpt=other))
+    assert os.listdir(tmp_path / "samples") == [EXPECTED_FOLDER]  # not even the first scale's folder
 
     # The same weights under another file resume the folder: here the other run's raw weights.
     image_generator_ddp.main(ddp_args(files, tmp_path / "samples", "--ckpt-key", "model", ckpt=other))
