@@ -55,9 +55,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     require_at_least(args, 1, "num_images", "per_proc_batch_size")
     require_at_least(args, 0, "global_seed")
-    scales = requested_cfg_scales(args)
-    if len(set(scales)) < len(scales):
-        raise SystemExit(f"error: --cfg-scale lists a scale twice: {' '.join(f'{scale:g}' for scale in scales)}")
     if args.cuda_graphs and not torch.cuda.is_available():
         raise SystemExit("error: --cuda-graphs needs a GPU")
     return args

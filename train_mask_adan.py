@@ -20,7 +20,7 @@ on any process is skipped by all of them; --max-bad-steps in a row stop the run 
 norm; loss spikes are logged (training/guard.py). --eval-every K --eval-images N
 --eval-reference REF.npz logs the EMA model's FID (and Inception Score) every K steps, from N
 images sampled with the sampling scripts' sampler (--eval-sampler, --eval-sampling-steps,
---eval-cfg-scale) and scored by ADM's Inception graph in PyTorch (training/evaluation.py).
+--eval-cfg-scale, one or more scales) and scored by ADM's Inception graph in PyTorch (training/evaluation.py).
 --cuda-graphs (GPU) replays each step's forward and backward from CUDA graphs
 (training/graphed_losses.py). --unconditional ignores the labels. Checkpoints record the
 features' VAE, latent normalisation and class names, which the sampling scripts, the demo and
@@ -133,7 +133,7 @@ def parse_args(argv=None):
     if args.loss_spike_factor <= 1:
         raise SystemExit("error: --loss-spike-factor must be above 1")
     check_evaluation_flags(parser, args)
-    if args.unconditional and (args.num_classes is not None or args.eval_cfg_scale != 1.0):
+    if args.unconditional and (args.num_classes is not None or args.eval_cfg_scale != [1.0]):
         raise SystemExit("error: an --unconditional model has one class and no guidance: "
                          "drop --num-classes and --eval-cfg-scale")
     check_init_flags(args)

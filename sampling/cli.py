@@ -66,12 +66,19 @@ def make_sampler(args):
         raise SystemExit(f"error: --sampler {args.sampler}: unknown; choose from {', '.join(SAMPLERS)}")
     if args.num_sampling_steps < 1:
         raise SystemExit("error: --num-sampling-steps must be at least 1")
-    if any(scale is not None and scale < 1.0 for scale in requested_cfg_scales(args)):
-        raise SystemExit("error: --cfg-scale must be at least 1")
+    check_cfg_scales([scale for scale in requested_cfg_scales(args) if scale is not None], "--cfg-scale")
     try:
         return Sampler(args.sampler, args.num_sampling_steps)
     except ValueError as error:
         raise SystemExit(f"error: --num-sampling-steps {args.num_sampling_steps}: {error}")
+
+
+def check_cfg_scales(scales, flag):
+    """SystemExit with one line for a guidance scale below 1 or one listed twice."""
+    if any(scale < 1.0 for scale in scales):
+        raise SystemExit(f"error: {flag} must be at least 1")
+    if len(set(scales)) < len(scales):
+        raise SystemExit(f"error: {flag} lists a scale twice: {' '.join(f'{scale:g}' for scale in scales)}")
 
 
 def requested_cfg_scales(args):

@@ -432,6 +432,9 @@ def test_bad_input_fails_before_any_work(features, tmp_path):
                   "--mini-batch-size", "4"], "must be a multiple of")
     expect_error(["--feature-path", features, *base, *TINY_EDT, "--global-batch-size", "4",
                   "--resume", str(tmp_path / "0400000.pt")], "no such checkpoint file")
+    expect_error(["--feature-path", features, *base, "--unconditional", "--eval-every", "2", "--eval-reference",
+                  str(tmp_path / "reference.npz"), "--eval-cfg-scale", "1", "1.5"],
+                 "an --unconditional model has one class and no guidance")
     assert not results.exists()  # nothing was written
 
 

@@ -1,5 +1,6 @@
 """FID during training: a tiny pixel-space EDT scored on the stand-in Inception graph, the same
-FID on one process and two, the history continued on resume, failures logged, bad options."""
+FID on one process and two, the history continued on resume, each of several guidance scales as
+it is alone, failures logged, bad options."""
 import json
 import os
 
@@ -112,8 +113,28 @@ def test_fid_is_the_same_on_one_and_two_processes(features, evaluation_files, tm
     assert one["fid"] == two["fid"] and one["inception_score"] == two["inception_score"]
 
 
+def test_several_guidance_scales_are_each_evaluated_as_alone(features, evaluation_files, tmp_path):
+    # The EMA follows the model, whose output depends on the label after its first steps.
+    options = [*evaluation_options(evaluation_files), "--max-steps", "2", "--ema-decay", "0"]
+    for name, scales in (("alone", ["2"]), ("several", ["1", "2"])):
+        train_mask_adan.main(train_options(features, tmp_path / name, *options, "--eval-cfg-scale", *scales))
+    (alone,) = read_history(checkpoint_files(tmp_path / "alone")[1])
+    experiment = checkpoint_files(tmp_path / "several")[1]
+    unguided, guided = read_history(experiment)
+    assert [entry["cfg_scale"] for entry in (unguided, guided)] == [1.0, 2.0] and guided["step"] == 2
+    assert (guided["fid"], guided["inception_score"]) == (alone["fid"], alone["inception_score"])
+    assert unguided["fid"] != guided["fid"]
+    log = open(os.path.join(experiment, "log.txt")).read()
+    assert f"fid {guided['fid']:.4f}" in log and "steps, cfg 2, " in log and "steps, cfg 1, " in log
+    events = EventAccumulator(os.path.join(experiment, "tensorboard"))
+    events.Reload()
+    assert {tag for tag in events.Tags()["scalars"] if tag.startswith("eval/")} == {
+        "eval/fid_cfg1", "eval/fid_cfg2", "eval/inception_score_cfg1", "eval/inception_score_cfg2"}
+    assert events.Scalars("eval/fid_cfg2")[0].value == pytest.approx(guided["fid"])
+
+
 def test_a_failed_evaluation_is_logged_and_training_goes_on(features, evaluation_files, tmp_path, monkeypatch):
-    def failing(self, ema, indices):
+    def failing(self, ema, indices, cfg_scale):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(training.evaluation.TrainingEvaluator, "sample_features", failing)
@@ -123,7 +144,7 @@ def test_a_failed_evaluation_is_logged_and_training_goes_on(features, evaluation
     files, experiment = checkpoint_files(tmp_path)
     log = open(os.path.join(experiment, "log.txt")).read()
     for step in (1, 2):
-        assert (f"(step={step:07d}) evaluation failed, training goes on: process 0: "
+        assert (f"(step={step:07d}) evaluation at cfg 1 failed, training goes on: process 0: "
                 f"RuntimeError: CUDA out of memory") in log
     assert files == ["0000002.pt"]
     assert not os.path.exists(os.path.join(experiment, "checkpoints", training.evaluation.HISTORY_NAME))
@@ -144,6 +165,10 @@ def test_bad_evaluation_options_fail_before_any_work(features, evaluation_files,
          "Inception graph not found"),
         (["--eval-every", "2", "--eval-reference", reference, "--inception-graph", graph, "--eval-sampler", "unipc",
           "--eval-sampling-steps", "1000"], "--eval-sampler unipc --eval-sampling-steps 1000"),
+        (["--eval-every", "2", "--eval-reference", reference, "--eval-cfg-scale", "2", "0.5"],
+         "--eval-cfg-scale must be at least 1"),
+        (["--eval-every", "2", "--eval-reference", reference, "--eval-cfg-scale", "1", "2", "1"],
+         "--eval-cfg-scale lists a scale twice: 1 2 1"),
     ]
     for options, message in cases:
         expect_error([*base, *options], message)

@@ -1,12 +1,13 @@
 """FID during training: the EMA model's samples scored with ADM's Inception graph (torch backend).
 
-Every --eval-every steps, --eval-images images are sampled with the sampling scripts' own
-functions: image i's class and noise come from (--global-seed, i), and every sampling and
+Every --eval-every steps, --eval-images images are sampled at each --eval-cfg-scale in turn
+with the sampling scripts' own functions: image i's class and noise come from (--global-seed, i), and every sampling and
 Inception batch is filled to --eval-batch-size rows, so the images, their features and the FID
 do not depend on the number of processes. The images are split over all processes and scored on
 the training device; the main process gathers their pool_3 features, logs `fid` and
 `inception_score` to log.txt and TensorBoard, and appends them to checkpoints/fid_history.json,
-which a resumed run continues. A failed evaluation is logged and training goes on.
+which a resumed run continues. With several guidance scales, each scale's scalars carry it in
+their names (`fid_cfg1.5`). A failed evaluation is logged and training goes on.
 """
 import math
 import os
@@ -26,6 +27,7 @@ from runtime import vae as vae_lib
 from runtime.cli import require_at_least
 from runtime.distributed import split_range
 from runtime.io import read_json, write_json
+from sampling.cli import check_cfg_scales
 from sampling.loading import sampled_shape
 from sampling.sampler import SAMPLERS, Sampler, guided_model_fn, sample_images
 
@@ -50,7 +52,8 @@ def add_evaluation_arguments(parser):
     group.add_argument("--eval-sampler", default="ddpm", metavar="{" + ",".join(SAMPLERS) + "}",
                        help="a sampler of the sampling scripts")
     group.add_argument("--eval-sampling-steps", type=int, default=250)
-    group.add_argument("--eval-cfg-scale", type=float, default=1.0)
+    group.add_argument("--eval-cfg-scale", type=float, nargs="+", default=[1.0],
+                       help="one or more guidance scales, each evaluated on the same labels and noise")
     group.add_argument("--eval-batch-size", type=int, default=32, help="images per process and batch")
     group.add_argument("--inception-graph", default=None,
                        help="ADM's classify_image_graph_def.pb (default: next to evaluations/evaluator.py, "
@@ -69,8 +72,8 @@ def check_evaluation_flags(parser, args):
             raise SystemExit(f"error: --{given[0].replace('_', '-')} needs --eval-every")
     elif args.eval_reference is None:
         raise SystemExit("error: --eval-every needs --eval-reference REF.npz")
-    elif args.eval_cfg_scale < 1.0:
-        raise SystemExit("error: --eval-cfg-scale must be at least 1")
+    else:
+        check_cfg_scales(args.eval_cfg_scale, "--eval-cfg-scale")
 
 
 def check_evaluation_inputs(args):
@@ -149,11 +152,11 @@ class TrainingEvaluator:
         self.num_images = args.eval_images
         self.batch_size = args.eval_batch_size
         self.seed = args.global_seed
-        self.cfg_scale = args.eval_cfg_scale
+        self.cfg_scales = args.eval_cfg_scale
         self.precision = args.mixed_precision
         self.sampler = evaluation_sampler(args)
         self.settings = {"num_images": args.eval_images, "sampler": args.eval_sampler,
-                         "sampling_steps": args.eval_sampling_steps, "cfg_scale": args.eval_cfg_scale,
+                         "sampling_steps": args.eval_sampling_steps,
                          "reference": os.path.abspath(args.eval_reference)}
         try:
             self.inception = TorchInception(find_inception_graph(args.inception_graph), run.device)
@@ -179,16 +182,16 @@ class TrainingEvaluator:
         parts = gather_object([(list(mine), np.concatenate(features) if features else empty_features())])
         return metrics.feature_statistics(features_in_index_order(parts)) if self.run.is_main else None
 
-    def sample_features(self, ema, indices):
+    def sample_features(self, ema, indices, cfg_scale):
         """pool_3 features (len(indices), 2048) of the EMA model's samples `indices`."""
-        model_fn = guided_model_fn(ema, self.cfg_scale, precision=self.precision)
+        model_fn = guided_model_fn(ema, cfg_scale, precision=self.precision)
         sample = self.sampler.sample_fn(model_fn, self.latent_shape, self.run.device, next(ema.parameters()).dtype)
         batches = sample_images(sample, self.vae, self.seed, indices, self.batch_size, ema.y_embedder.num_classes,
                                 progress=self.run.is_main, fill_batches=True)
         features = [full_batch_features(self.inception, images, self.batch_size) for _, images in batches]
         return np.concatenate(features) if features else empty_features()
 
-    def local_part(self, ema):
+    def local_part(self, ema, cfg_scale):
         """(indices, features, error) of this process. Sampling draws only from per-image
         generators, but the global generators are restored anyway, so that a resumed run stays
         bit-exact whether or not it evaluated; the EMA model samples in eval mode (no label
@@ -199,7 +202,7 @@ class TrainingEvaluator:
         try:
             with torch.random.fork_rng(devices=cuda):
                 ema.eval()
-                return indices, self.sample_features(ema, indices), None
+                return indices, self.sample_features(ema, indices, cfg_scale), None
         except Exception as error:  # a failed evaluation must not end the training run
             return indices, None, f"process {self.run.rank}: {type(error).__name__}: {error}"
         finally:
@@ -207,33 +210,43 @@ class TrainingEvaluator:
             forget_kept_tensors(ema)
 
     def __call__(self, state):
-        """Evaluates at state.step; every process must call it (it gathers features)."""
+        """Evaluates at state.step, each guidance scale in turn; every process must call it (it
+        gathers features)."""
+        for cfg_scale in self.cfg_scales:
+            self.evaluate(state, cfg_scale)
+
+    def evaluate(self, state, cfg_scale):
         start = time.perf_counter()
-        parts = gather_object([self.local_part(state.ema)])
+        parts = gather_object([self.local_part(state.ema, cfg_scale)])
         if not self.run.is_main:
             return
+        failed = f"(step={state.step:07d}) evaluation at cfg {cfg_scale:g} failed, training goes on: "
         errors = [error for _, _, error in parts if error is not None]
         if errors:
-            self.run.logger.warning(f"(step={state.step:07d}) evaluation failed, training goes on: {errors[0]}")
+            self.run.logger.warning(failed + errors[0])
             return
         try:
-            self.report(state.step, features_in_index_order([(indices, features) for indices, features, _ in parts]),
+            self.report(state.step, cfg_scale,
+                        features_in_index_order([(indices, features) for indices, features, _ in parts]),
                         time.perf_counter() - start)
         except Exception as error:  # e.g. a full disk for the history: the run goes on
-            self.run.logger.warning(f"(step={state.step:07d}) evaluation failed, training goes on: "
-                                    f"{type(error).__name__}: {error}")
+            self.run.logger.warning(failed + f"{type(error).__name__}: {error}")
 
-    def report(self, step, features, seconds):
+    def scalar_name(self, name, cfg_scale):
+        """TensorBoard's name of a metric: with several scales, each scale's has it in the name."""
+        return f"eval/{name}" if len(self.cfg_scales) == 1 else f"eval/{name}_cfg{cfg_scale:g}"
+
+    def report(self, step, cfg_scale, features, seconds):
         fid = metrics.statistics_distance(metrics.feature_statistics(features), self.reference)
         inception_score = metrics.inception_score(features, self.inception.logit_weights)
         self.run.logger.info(f"(step={step:07d}) fid {fid:.4f}, inception score {inception_score:.3f} "
                              f"({self.num_images} images, {self.settings['sampler']} "
-                             f"{self.settings['sampling_steps']} steps, cfg {self.cfg_scale}, {seconds:.1f} s)")
+                             f"{self.settings['sampling_steps']} steps, cfg {cfg_scale:g}, {seconds:.1f} s)")
         if self.run.writer is not None:
-            self.run.writer.add_scalar("eval/fid", fid, step)
-            self.run.writer.add_scalar("eval/inception_score", inception_score, step)
+            self.run.writer.add_scalar(self.scalar_name("fid", cfg_scale), fid, step)
+            self.run.writer.add_scalar(self.scalar_name("inception_score", cfg_scale), inception_score, step)
         self.history.append({"step": step, "fid": fid, "inception_score": inception_score,
-                             "seconds": seconds, **self.settings})
+                             "seconds": seconds, **self.settings, "cfg_scale": cfg_scale})
 
 
 def build_evaluator(args, run, config, resumed_step):
