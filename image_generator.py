@@ -2,6 +2,7 @@
 
     python image_generator.py --ckpt EDT-XL-2.pt --class-labels 207 360 387 974 --samples-per-class 4
     python image_generator.py --ckpt EDT-XL-2.pt --compare-amm    (with and without AMM, same noise)
+    python image_generator.py --ckpt EDT-XL-2.pt --cfg-scale 1 4   (a grid per scale, same noise)
     python image_generator.py --ckpt results/000-EDT-S-2/checkpoints/0010000.pt --class-labels cat dog
 
 Classes are given by index or by the names a checkpoint of train_mask_adan.py records (the
@@ -22,7 +23,7 @@ from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
 from models.attention_kernels import attention_kernel_at_inference
 from sampling.cli import (CFG_CHANNELS, add_model_arguments, add_sampling_arguments, inference_attention_kernel,
-                          loader_kwargs, make_sampler)
+                          loader_kwargs, make_sampler, requested_cfg_scales)
 from sampling.images import enlarge, make_grid, save_png, side_by_side
 from sampling.loading import SamplingSetupError, class_labels, guidance_scale, load_sampling_model
 from sampling.naming import amm_tag, comparison_tag, sample_name
@@ -57,17 +58,17 @@ def parse_args(argv=None):
 
 
 def load(args, device):
-    """The model and VAE; SystemExit with one line on bad input."""
+    """The model and VAE, and the guidance scales; SystemExit with one line on bad input."""
     try:
         loaded = load_sampling_model(**loader_kwargs(args), device=device, default_model_name=DEFAULT_MODEL)
-        args.cfg_scale = guidance_scale(loaded, args.cfg_scale, DEFAULT_CFG_SCALE)
+        cfg_scales = [guidance_scale(loaded, scale, DEFAULT_CFG_SCALE) for scale in requested_cfg_scales(args)]
         args.class_labels = grid_rows(loaded, args.class_labels)
     except (CheckpointError, VAENotFoundError, SamplingSetupError) as error:
         raise SystemExit(f"error: {error}")
     if args.compare_amm and not loaded.model.amm_blocks:
         raise SystemExit(f"error: --compare-amm needs AMM blocks, and {loaded.model_name} has none "
                          "as loaded: add --amm or --amm-blocks")
-    return loaded
+    return loaded, cfg_scales
 
 
 def grid_rows(loaded, requested):
@@ -100,12 +101,27 @@ def rows_description(loaded, labels):
                                 for label in labels)
 
 
-def grid_path(args, loaded, amm):
+def grid_path(args, loaded, cfg_scale, amm):
     """The PNG path of a grid; `amm` as in `sample_name`."""
     name = sample_name(loaded.model_name, args.ckpt, loaded.image_size, loaded.vae_name,
-                       args.cfg_scale, args.sampler, args.num_sampling_steps, amm, args.seed,
+                       cfg_scale, args.sampler, args.num_sampling_steps, amm, args.seed,
                        CFG_CHANNELS[args.cfg_channels], args.mixed_precision)
     return os.path.join(args.output_dir, f"{name}.png")
+
+
+def save_grids(args, loaded, sample, cfg_scale, settings, logger):
+    """A grid for each AMM setting at one guidance scale, and the two side by side for --compare-amm."""
+    grids = []
+    for amm_blocks in settings:
+        loaded.model.set_amm_blocks(amm_blocks)
+        grids.append(sample_grid(sample, loaded, args))
+        path = grid_path(args, loaded, cfg_scale, amm_tag(amm_blocks, loaded.model.amm_variant))
+        save_png(path, enlarge(grids[-1], args.zoom))
+        logger.info(f"saved {path} ({rows_description(loaded, args.class_labels)}, AMM blocks {amm_blocks})")
+    if args.compare_amm:
+        path = grid_path(args, loaded, cfg_scale, comparison_tag(settings[0], loaded.model.amm_variant))
+        save_png(path, enlarge(side_by_side(*grids), args.zoom))
+        logger.info(f"saved {path}: with AMM (left) and without (right), the same noise")
 
 
 def main(argv=None):
@@ -113,25 +129,14 @@ def main(argv=None):
     sampler = make_sampler(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attention_kernel = inference_attention_kernel(args, device.type)
-    loaded = load(args, device)
+    loaded, cfg_scales = load(args, device)
     logger = create_logger(args.output_dir, is_main=True)
-
-    model_fn = guided_model_fn(loaded.model, args.cfg_scale, CFG_CHANNELS[args.cfg_channels],
-                               args.mixed_precision)
-    sample = sampler.sample_fn(model_fn, loaded.latent_shape, device, loaded.dtype)
     settings = [loaded.model.amm_blocks, []] if args.compare_amm else [loaded.model.amm_blocks]
-    grids = []
     with attention_kernel_at_inference(attention_kernel):
-        for amm_blocks in settings:
-            loaded.model.set_amm_blocks(amm_blocks)
-            grids.append(sample_grid(sample, loaded, args))
-            path = grid_path(args, loaded, amm_tag(amm_blocks, loaded.model.amm_variant))
-            save_png(path, enlarge(grids[-1], args.zoom))
-            logger.info(f"saved {path} ({rows_description(loaded, args.class_labels)}, AMM blocks {amm_blocks})")
-    if args.compare_amm:
-        path = grid_path(args, loaded, comparison_tag(settings[0], loaded.model.amm_variant))
-        save_png(path, enlarge(side_by_side(*grids), args.zoom))
-        logger.info(f"saved {path}: with AMM (left) and without (right), the same noise")
+        for cfg_scale in cfg_scales:
+            model_fn = guided_model_fn(loaded.model, cfg_scale, CFG_CHANNELS[args.cfg_channels], args.mixed_precision)
+            sample = sampler.sample_fn(model_fn, loaded.latent_shape, device, loaded.dtype)
+            save_grids(args, loaded, sample, cfg_scale, settings, logger)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ DEFAULT_CFG_SCALE = 1.0  # FID-50K as released
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(parser)
-    add_sampling_arguments(parser, cfg_scale=DEFAULT_CFG_SCALE, several_cfg_scales=True)
+    add_sampling_arguments(parser, cfg_scale=DEFAULT_CFG_SCALE)
     parser.add_argument("--output-dir", default="samples", help="the sample folder goes in here")
     parser.add_argument("--num-images", type=int, default=50_000)
     parser.add_argument("--per-proc-batch-size", type=int, default=32)

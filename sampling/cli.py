@@ -40,11 +40,10 @@ def add_model_arguments(parser, default_model=None):
                              "the model's, as released: 512 for EDT at 512x512 (latent 64), else 256")
 
 
-def add_sampling_arguments(parser, cfg_scale, several_cfg_scales=False):
-    """several_cfg_scales: --cfg-scale takes a list (the DDP script samples each in turn)."""
-    several = " (one or more, each into its own sample folder)" if several_cfg_scales else ""
-    parser.add_argument("--cfg-scale", type=float, default=None, nargs="+" if several_cfg_scales else None,
-                        help=f"classifier-free guidance{several} (default {cfg_scale:g}; unconditional models: 1 only)")
+def add_sampling_arguments(parser, cfg_scale):
+    parser.add_argument("--cfg-scale", type=float, default=None, nargs="+",
+                        help=f"classifier-free guidance, one or more scales sampled in turn from the same noise "
+                             f"(default {cfg_scale:g}; unconditional models: 1 only)")
     parser.add_argument("--cfg-channels", choices=tuple(CFG_CHANNELS), default="3",
                         help="guide the first 3 output channels (as released) or all")
     parser.add_argument("--sampler", default="ddpm", metavar="{" + ",".join(SAMPLERS) + "}",
@@ -82,8 +81,8 @@ def check_cfg_scales(scales, flag):
 
 
 def requested_cfg_scales(args):
-    """--cfg-scale as a list: [None] where it was not given, the DDP script's list as it is."""
-    return args.cfg_scale if isinstance(args.cfg_scale, list) else [args.cfg_scale]
+    """--cfg-scale as a list: [None] where it was not given."""
+    return args.cfg_scale or [None]
 
 
 def inference_attention_kernel(args, device_type):

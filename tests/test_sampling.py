@@ -377,6 +377,14 @@ def test_grid_script_compares_amm_from_the_same_noise(files, tmp_path, capsys):
     assert not np.array_equal(with_amm, without_amm)
     assert str(tmp_path / "compare" / base.format("amm1.3-vs-noamm")) in capsys.readouterr().out
 
+    # Several scales: each grid as a run at its scale alone, the AMM on again for the second scale.
+    image_generator.main([*args, "--compare-amm", "--cfg-scale", "1", "4", "--output-dir", str(tmp_path / "scales")])
+    for tag, alone in (("amm1.3", with_amm), ("noamm", without_amm)):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "scales" / base.format(tag))), alone)
+        unguided = np.asarray(Image.open(tmp_path / "scales" / base.format(tag).replace("-cfg-4.0-", "-cfg-1.0-")))
+        assert not np.array_equal(unguided, alone)
+    assert len(os.listdir(tmp_path / "scales")) == 2 * 3 + 1  # three grids per scale, and the log
+
     image_generator.main([*args, "--no-amm", "--compile", "--output-dir", str(tmp_path / "plain")])
     compiled = np.asarray(Image.open(tmp_path / "plain" / base.format("noamm"))).astype(int)
     assert np.abs(compiled - without_amm).max() <= 1  # compiled kernels round differently in the last bits
