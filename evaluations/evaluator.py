@@ -1,10 +1,12 @@
-"""Evaluates a sample batch against a reference batch with ADM's metrics and Inception graph.
+"""Evaluates sample batches against a reference batch with ADM's metrics and Inception graph.
 
-    python evaluations/evaluator.py REF.npz SAMPLE.npz [--backend tensorflow|torch] [--device cuda]
-        [--batch-size 64] [--inception-graph PATH] [--output-json PATH]
+    python evaluations/evaluator.py REF.npz SAMPLE.npz [SAMPLE2.npz ...] [--backend tensorflow|torch]
+        [--device cuda] [--batch-size 64] [--inception-graph PATH] [--output-json PATH]
 
 Prints Inception Score, FID, sFID, Precision and Recall as ADM's evaluator does, and writes them
-as JSON next to the sample batch (SAMPLE.metrics.json unless --output-json is given). The
+as JSON next to the sample batch (SAMPLE.metrics.json; --output-json for a single batch).
+Several sample batches (a sweep of guidance scales, say) are scored in turn against the
+reference's activations, computed once, and summarised in a table at the end. The
 tensorflow backend (default) runs ADM's graph through TensorFlow as ADM does; the torch backend
 runs it rebuilt in PyTorch on CPU or GPU, without TensorFlow. A batch that carries precomputed mu,
 sigma, mu_s, sigma_s (e.g. VIRTUAL_imagenet256_labeled.npz) has its FID and sFID statistics
@@ -20,9 +22,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluations import metrics
-from evaluations.inception import (DEFAULT_BATCH_SIZE, POOL_DIM, SPATIAL_DIM, InceptionGraphNotFound,
-                                   add_inception_arguments, compute_activations, find_inception_graph,
-                                   load_inception)
+from evaluations.inception import (POOL_DIM, SPATIAL_DIM, InceptionGraphNotFound, add_inception_arguments,
+                                   compute_activations, find_inception_graph, load_inception)
 from evaluations.npz_batches import ImageBatchFile, NpzFormatError, read_precomputed_statistics
 from runtime.io import atomic_path
 
@@ -30,14 +31,21 @@ from runtime.io import atomic_path
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference batch npz (uint8 images in arr_0, optional statistics)")
-    parser.add_argument("sample_batch", help="sample batch npz (uint8 images in arr_0)")
+    parser.add_argument("sample_batches", nargs="+", help="sample batch npz files (uint8 images in arr_0)")
     parser.add_argument("--inception-graph", default=None,
                         help="path of classify_image_graph_def.pb (default: next to this script, "
                              "then the working directory)")
     parser.add_argument("--output-json", default=None,
-                        help="where to write the metrics (default: SAMPLE.metrics.json next to the sample batch)")
+                        help="where to write the metrics of a single sample batch "
+                             "(default: SAMPLE.metrics.json next to each sample batch)")
     add_inception_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be positive, got {args.batch_size}")
+    if args.output_json and len(args.sample_batches) > 1:
+        raise SystemExit("error: --output-json names the file of a single sample batch; "
+                         "several write SAMPLE.metrics.json each")
+    return args
 
 
 def default_json_path(sample_path):
@@ -68,10 +76,8 @@ class EvaluationBatch:
         return activations
 
 
-def evaluate(reference, samples, inception, batch_size=DEFAULT_BATCH_SIZE):
-    """Metrics of `samples` against `reference` (EvaluationBatch each), as a dict."""
-    print("computing reference batch activations...")
-    reference_acts = reference.activations(inception, batch_size, "reference")
+def score(samples, reference_acts, inception, batch_size):
+    """Metrics of `samples` (an EvaluationBatch) against the reference's activations, as a dict."""
     print("computing sample batch activations...")
     sample_acts = samples.activations(inception, batch_size, "samples")
     print("computing evaluations...")
@@ -96,33 +102,53 @@ def report(results):
     ])
 
 
+def summary_table(sample_batches, results):
+    """A Markdown table of every sample batch's metrics, one row each."""
+    lines = ["| sample batch | Inception Score | FID | sFID | Precision | Recall |", "|---|---|---|---|---|---|"]
+    for samples, row in zip(sample_batches, results):
+        lines.append(f"| {samples.path} | {row['inception_score']:.2f} | {row['fid']:.2f} | {row['sfid']:.2f} "
+                     f"| {row['precision']:.4f} | {row['recall']:.4f} |")
+    return "\n".join(lines)
+
+
+def write_record(json_path, results, reference, samples, graph_path, backend):
+    record = {**results, "reference_batch": os.path.abspath(reference.path),
+              "sample_batch": os.path.abspath(samples.path),
+              "num_reference_images": reference.images.num_images,
+              "num_sample_images": samples.images.num_images,
+              "inception_graph": os.path.abspath(graph_path), "backend": backend}
+    with atomic_path(json_path) as tmp, open(tmp, "w") as file:
+        json.dump(record, file, indent=2)
+    print(f"wrote {json_path}")
+
+
 def main(argv=None):
+    """Scores every sample batch; returns their metrics, in order, as dicts."""
     args = parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"error: --batch-size must be positive, got {args.batch_size}")
     try:
         graph_path = find_inception_graph(args.inception_graph)
-        reference, samples = EvaluationBatch(args.ref_batch), EvaluationBatch(args.sample_batch)
+        reference = EvaluationBatch(args.ref_batch)
+        sample_batches = [EvaluationBatch(path) for path in args.sample_batches]
     except (InceptionGraphNotFound, NpzFormatError) as error:
         raise SystemExit(f"error: {error}") from None
-    json_path = args.output_json or default_json_path(args.sample_batch)
 
     try:
         inception = load_inception(args.backend, graph_path, args.device)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    results = []
     with inception:
-        results = evaluate(reference, samples, inception, args.batch_size)
-    print(report(results))
-
-    record = {**results, "reference_batch": os.path.abspath(args.ref_batch),
-              "sample_batch": os.path.abspath(args.sample_batch),
-              "num_reference_images": reference.images.num_images,
-              "num_sample_images": samples.images.num_images,
-              "inception_graph": os.path.abspath(graph_path), "backend": args.backend}
-    with atomic_path(json_path) as tmp, open(tmp, "w") as file:
-        json.dump(record, file, indent=2)
-    print(f"wrote {json_path}")
+        print("computing reference batch activations...")
+        reference_acts = reference.activations(inception, args.batch_size, "reference")
+        for samples in sample_batches:  # each recorded when it is ready: a failure later keeps it
+            if len(sample_batches) > 1:
+                print(f"\n== {samples.path}")
+            results.append(score(samples, reference_acts, inception, args.batch_size))
+            print(report(results[-1]))
+            write_record(args.output_json or default_json_path(samples.path), results[-1], reference, samples,
+                         graph_path, args.backend)
+    if len(sample_batches) > 1:
+        print("\n" + summary_table(sample_batches, results))
     return results
 
 

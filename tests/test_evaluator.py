@@ -440,7 +440,7 @@ def test_evaluator_end_to_end_matches_independent_metrics(tmp_path, standin_grap
     tensorflow = ["--inception-graph", standin_graph, "--backend", "tensorflow"]
     reference_batch.main(["--npz", str(tmp_path / "all_reference.npz"), "--out", str(tmp_path / "ref.npz"),
                           "--num-images", str(NUM_REFERENCE_KEPT), *tensorflow])
-    printed = evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *tensorflow])
+    (printed,) = evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *tensorflow])
 
     # Printed as ADM prints, and recorded next to the samples.
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
@@ -473,6 +473,29 @@ def test_evaluator_end_to_end_matches_independent_metrics(tmp_path, standin_grap
     assert (recorded["precision"], recorded["recall"]) == metrics.precision_recall(reference_pool[kept], sample_pool)
 
 
+@threadpool_limits.wrap(limits=1, user_api="blas")
+def test_several_sample_batches_score_as_each_alone_against_one_reference_pass(tmp_path, standin_graph, capsys):
+    paths = {}
+    for name, seed, count in (("ref", 30, 8), ("dim", 31, 6), ("bright", 32, 5)):
+        paths[name] = str(tmp_path / f"{name}.npz")
+        np.savez(paths[name], random_images(seed, count, size=16, brightness_shift=60 if name == "bright" else 0))
+    graph = ["--inception-graph", standin_graph]
+    alone = [evaluator.main([paths["ref"], paths[name], *graph, "--output-json", str(tmp_path / f"{name}-alone.json")])
+             for name in ("dim", "bright")]
+    capsys.readouterr()
+    together = evaluator.main([paths["ref"], paths["dim"], paths["bright"], *graph])
+    assert together == [results for (results,) in alone] and together[0]["fid"] != together[1]["fid"]
+    printed = capsys.readouterr().out
+    assert printed.count("reference: 8 images") == 1 and printed.count("samples: ") == 2
+    for name, results in zip(("dim", "bright"), together):
+        recorded = json.loads((tmp_path / f"{name}.metrics.json").read_text())
+        assert {key: recorded[key] for key in results} == results and recorded["num_sample_images"] < 8
+        assert f"| {paths[name]} | {results['inception_score']:.2f} | {results['fid']:.2f} |" in printed
+
+    with pytest.raises(SystemExit, match="--output-json names the file of a single sample batch"):
+        evaluator.main([paths["ref"], paths["dim"], paths["bright"], *graph, "--output-json", str(tmp_path / "x.json")])
+
+
 TORCH_EVALUATOR_WITHOUT_TENSORFLOW = textwrap.dedent("""
     import runpy, sys
     sys.argv = sys.argv[1:]
@@ -488,7 +511,7 @@ def test_backends_give_the_same_metrics(tmp_path, standin_graph):
     arguments = [str(tmp_path / "reference.npz"), str(tmp_path / "samples.npz"), "--inception-graph", standin_graph,
                  "--batch-size", "50"]
     with threadpool_limits(limits=1, user_api="blas"):
-        expected = evaluator.main([*arguments, "--backend", "tensorflow"])
+        (expected,) = evaluator.main([*arguments, "--backend", "tensorflow"])
     # The torch backend as users run it: the script, in a process that must not load TensorFlow.
     script = os.path.join(REPO_ROOT, "evaluations", "evaluator.py")
     result = subprocess.run([sys.executable, "-c", TORCH_EVALUATOR_WITHOUT_TENSORFLOW, script, *arguments,
