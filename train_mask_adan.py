@@ -20,7 +20,8 @@ on any process is skipped by all of them; --max-bad-steps in a row stop the run 
 norm; loss spikes are logged (training/guard.py). --eval-every K --eval-images N
 --eval-reference REF.npz logs the EMA model's FID (and Inception Score) every K steps, from N
 images sampled with the sampling scripts' sampler (--eval-sampler, --eval-sampling-steps,
---eval-cfg-scale, one or more scales) and scored by ADM's Inception graph in PyTorch (training/evaluation.py).
+--eval-cfg-scale: one or more scales) and scored by ADM's Inception graph in PyTorch
+(training/evaluation.py).
 --cuda-graphs (GPU) replays each step's forward and backward from CUDA graphs
 (training/graphed_losses.py). --unconditional ignores the labels. Checkpoints record the
 features' VAE, latent normalisation and class names, which the sampling scripts, the demo and
