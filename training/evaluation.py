@@ -3,11 +3,12 @@
 Every --eval-every steps, --eval-images images are sampled at each --eval-cfg-scale in turn
 with the sampling scripts' own functions: image i's class and noise come from (--global-seed,
 i), and every sampling and Inception batch is filled to --eval-batch-size rows, so the images,
-their features and the FID do not depend on the number of processes. The images are split over all processes and scored on
-the training device; the main process gathers their pool_3 features, logs `fid` and
-`inception_score` to log.txt and TensorBoard, and appends them to checkpoints/fid_history.json,
-which a resumed run continues. With several guidance scales, each scale's scalars carry it in
-their names (`fid_cfg1.5`). A failed evaluation is logged and training goes on.
+their features and the FID do not depend on the number of processes. The images are split over
+all processes and scored on the training device; the main process gathers their pool_3
+features, logs `fid` and `inception_score` to log.txt and TensorBoard, and appends them to
+checkpoints/fid_history.json, which a resumed run continues. With several guidance scales, each
+scale's scalars carry it in their names (`fid_cfg1.5`). A failed evaluation is logged and
+training goes on.
 """
 import math
 import os
