@@ -23,9 +23,9 @@ from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
 from models.attention_kernels import attention_kernel_at_inference
 from sampling.cli import (CFG_CHANNELS, add_model_arguments, add_sampling_arguments, inference_attention_kernel,
-                          loader_kwargs, make_sampler, requested_cfg_scales)
+                          loader_kwargs, make_sampler)
 from sampling.images import enlarge, make_grid, save_png, side_by_side
-from sampling.loading import SamplingSetupError, class_labels, guidance_scale, load_sampling_model
+from sampling.loading import SamplingSetupError, class_labels, guidance_scales, load_sampling_model
 from sampling.naming import amm_tag, comparison_tag, sample_name
 from sampling.sampler import guided_model_fn, sample_images
 
@@ -61,7 +61,7 @@ def load(args, device):
     """The model and VAE, and the guidance scales; SystemExit with one line on bad input."""
     try:
         loaded = load_sampling_model(**loader_kwargs(args), device=device, default_model_name=DEFAULT_MODEL)
-        cfg_scales = [guidance_scale(loaded, scale, DEFAULT_CFG_SCALE) for scale in requested_cfg_scales(args)]
+        cfg_scales = guidance_scales(loaded, args.cfg_scale, DEFAULT_CFG_SCALE)
         args.class_labels = grid_rows(loaded, args.class_labels)
     except (CheckpointError, VAENotFoundError, SamplingSetupError) as error:
         raise SystemExit(f"error: {error}")

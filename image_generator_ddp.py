@@ -28,10 +28,10 @@ from runtime.logging import create_logger
 from runtime.vae import VAENotFoundError
 from models.attention_kernels import attention_kernel_at_inference
 from sampling.cli import (CFG_CHANNELS, add_model_arguments, add_sampling_arguments, inference_attention_kernel,
-                          loader_kwargs, make_sampler, requested_cfg_scales)
+                          loader_kwargs, make_sampler)
 from sampling.folder import SampleFolderMismatchError, bind_sample_folders, folder_record
 from sampling.images import missing_indices, npz_name, save_pngs, write_npz_from_pngs
-from sampling.loading import SamplingSetupError, class_labels, guidance_scale, load_sampling_model
+from sampling.loading import SamplingSetupError, class_labels, guidance_scales, load_sampling_model
 from sampling.naming import amm_tag, sample_name
 from sampling.sampler import all_labels, balanced_labels, guided_model_fn, sample_images
 
@@ -65,7 +65,7 @@ def setup(args, context):
     on bad input."""
     try:
         loaded = load_sampling_model(**loader_kwargs(args), device=context.device)
-        cfg_scales = [guidance_scale(loaded, scale, DEFAULT_CFG_SCALE) for scale in requested_cfg_scales(args)]
+        cfg_scales = guidance_scales(loaded, args.cfg_scale, DEFAULT_CFG_SCALE)
         args.class_labels = class_labels(loaded, args.class_labels) if args.class_labels else None
         labels = fixed_labels(args, loaded.num_classes)
     except (CheckpointError, VAENotFoundError, SamplingSetupError, ValueError) as error:

@@ -65,7 +65,7 @@ def make_sampler(args):
         raise SystemExit(f"error: --sampler {args.sampler}: unknown; choose from {', '.join(SAMPLERS)}")
     if args.num_sampling_steps < 1:
         raise SystemExit("error: --num-sampling-steps must be at least 1")
-    check_cfg_scales([scale for scale in requested_cfg_scales(args) if scale is not None], "--cfg-scale")
+    check_cfg_scales(args.cfg_scale or [], "--cfg-scale")
     try:
         return Sampler(args.sampler, args.num_sampling_steps)
     except ValueError as error:
@@ -78,11 +78,6 @@ def check_cfg_scales(scales, flag):
         raise SystemExit(f"error: {flag} must be at least 1")
     if len(set(scales)) < len(scales):
         raise SystemExit(f"error: {flag} lists a scale twice: {' '.join(f'{scale:g}' for scale in scales)}")
-
-
-def requested_cfg_scales(args):
-    """--cfg-scale as a list: [None] where it was not given."""
-    return args.cfg_scale or [None]
 
 
 def inference_attention_kernel(args, device_type):

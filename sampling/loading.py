@@ -126,15 +126,16 @@ def sampled_shape(vae, image_size):
     return vae.latent_shape(image_size)
 
 
-def guidance_scale(loaded, requested, default):
-    """The guidance scale to sample with: `requested`, else `default`; an unconditional model
-    has no null class to guide with, so only 1."""
-    if loaded.unconditional:
-        if requested not in (None, 1.0):
-            raise SamplingSetupError(f"{loaded.model_name} is unconditional (trained without labels): "
-                                     f"it samples without guidance, so the guidance scale must be 1, not {requested:g}")
-        return 1.0
-    return default if requested is None else requested
+def guidance_scales(loaded, requested, default):
+    """The guidance scales to sample with: the `requested` list, else [default]; an unconditional
+    model has no null class to guide with, so only [1]."""
+    if not requested:
+        return [1.0 if loaded.unconditional else default]
+    if loaded.unconditional and any(scale != 1.0 for scale in requested):
+        raise SamplingSetupError(f"{loaded.model_name} is unconditional (trained without labels): it samples "
+                                 f"without guidance, so the guidance scale must be 1, not "
+                                 f"{' '.join(f'{scale:g}' for scale in requested)}")
+    return list(requested)
 
 
 def class_labels(loaded, values):
