@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import gpu_protocol, speed  # noqa: E402
 from models import blocks, mdt  # noqa: E402
+from runtime.ema import EmaUpdate  # noqa: E402
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
 
 # Operators that only make views or read metadata: no kernel.
@@ -160,6 +161,7 @@ def fake_training_step(name, precision, batch, latent_size, observed):
             mock.patch.object(blocks, "STACKED_MODULATION_TRAINING_DEVICES", ("cuda", "cpu")):
         for module in (variant.model, variant.ema):
             module._apply(fake_mode.from_tensor)
+        variant.update_ema = EmaUpdate(variant.ema, variant.model)
         variant.optimizer = Adan(variant.model.parameters(), lr=speed.LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS,
                                  weight_decay=0.0, foreach=True)
         step = speed.training_step_fn(variant, True, fake_mode.from_tensor(x), fake_mode.from_tensor(y), settings,

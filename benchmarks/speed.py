@@ -42,7 +42,7 @@ from benchmarks.plain_dit import plain_dit_like  # noqa: E402
 from diffusion import create_diffusion, create_named_schedule_sampler  # noqa: E402
 from models.mdt import TRAINING_MASK_RATIO  # noqa: E402
 from runtime.cli import require_at_least  # noqa: E402
-from runtime.ema import create_ema, update_ema  # noqa: E402
+from runtime.ema import EmaUpdate, create_ema  # noqa: E402
 from runtime.io import atomic_path  # noqa: E402
 from sampling.sampler import PRECISIONS, Sampler, guided_model_fn  # noqa: E402
 from training.build import ADAN_BETAS, ADAN_EPS  # noqa: E402
@@ -136,7 +136,8 @@ class Variant:
         optimizer_type = FlatAdan if args.flat_adan else Adan
         self.optimizer = optimizer_type(self.model.parameters(), lr=LEARNING_RATE, betas=ADAN_BETAS, eps=ADAN_EPS,
                                         weight_decay=0.0)
-        self.update_ema = update_ema if fast else per_parameter_ema
+        self.update_ema = (EmaUpdate(self.ema, self.model) if fast else
+                           functools.partial(per_parameter_ema, self.ema, self.model))  # update_ema(decay)
 
     def describe(self):
         return {"model": self.name, "fast_paths": self.fast,
@@ -226,7 +227,7 @@ def training_step_fn(variant, masked, x, y, args, device, cuda_graphs=False):
             variant.optimizer.step()
             variant.optimizer.zero_grad(set_to_none=True)
         with record_function(STEP_PHASE_PREFIX + "EMA"):
-            variant.update_ema(variant.ema, variant.model, EMA_DECAY)
+            variant.update_ema(EMA_DECAY)
     return step
 
 

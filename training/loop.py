@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from runtime.checkpoint import read_checkpoint
-from runtime.ema import update_ema, warmed_up_decay
+from runtime.ema import warmed_up_decay
 
 from .graphed_losses import TrainingLosses, graph_training_losses
 from .guard import TooManyBadSteps, describe_bad_step
@@ -116,7 +116,7 @@ def train_step(args, run, state, model, losses_of, optimizer, micro_batches, sto
                                                  micro_batches, args.grad_clip, stop_requested)
     if not check.skipped:
         decay = warmed_up_decay(args.ema_decay, state.step) if args.ema_warmup else args.ema_decay
-        update_ema(state.ema, state.model, decay)
+        state.update_ema(decay)
     return losses, lr, check, timesteps
 
 

@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import gather_object
 
 from runtime.checkpoint import save_checkpoint
+from runtime.ema import EmaUpdate
 
 
 #################################################################################
@@ -66,6 +67,9 @@ class TrainState:
     step: int = 0  # optimizer updates done
     epoch: int = 0
     epoch_step: int = 0  # updates done within `epoch`
+
+    def __post_init__(self):
+        self.update_ema = EmaUpdate(self.ema, self.model)  # update_ema(decay)
 
     def advance(self, steps_per_epoch):
         """Counts one optimizer update; an epoch ends after steps_per_epoch of them."""
